@@ -1,0 +1,171 @@
+"""Every option of the instrumentor: keyword argument, environment variable, default, parsing.
+
+Precedence: keyword argument > ``OTEL_PYTHON_SQLALCHEMY_POOL_*`` environment variable > default.
+An invalid value never raises: it logs one warning naming the option and uses the default.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+_logger = logging.getLogger(__name__)
+
+ENV_PREFIX = "OTEL_PYTHON_SQLALCHEMY_POOL_"
+
+SESSION_SPANS_ALL = "all"
+SESSION_SPANS_ANOMALIES = "anomalies"
+SESSION_SPANS_NONE = "none"
+_SESSION_SPAN_MODES = (SESSION_SPANS_ALL, SESSION_SPANS_ANOMALIES, SESSION_SPANS_NONE)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option: its kwarg name, env var, default and parser (str -> value, raises ValueError)."""
+
+    name: str
+    default: Any
+    parse: Callable[[str], Any]
+    doc: str
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):  # also rejects NaN
+        raise ValueError("must be a finite number >= 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be an integer >= 1")
+    return value
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _session_span_mode(text: str) -> str:
+    lowered = text.strip().lower()
+    if lowered not in _SESSION_SPAN_MODES:
+        raise ValueError(f"must be one of {', '.join(_SESSION_SPAN_MODES)}")
+    return lowered
+
+
+def _pool_name(text: str) -> str:
+    stripped = text.strip()
+    if not stripped:
+        raise ValueError("must not be empty")
+    return stripped
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("pool_name", None, _pool_name,
+           "Pool name for db.client.connection.pool.name (default: logging_name, else host:port/db)"),
+    Option("wait_span_threshold_ms", 100.0, _non_negative_float,
+           "Emit a sqlalchemy.pool.wait span when a checkout waits at least this long (ms); "
+           "timeouts always get one"),
+    Option("session_spans", SESSION_SPANS_ANOMALIES, _session_span_mode,
+           "Session spans: all | anomalies (slow or flagged) | none; metrics are recorded either way"),
+    Option("session_span_threshold_ms", 1000.0, _non_negative_float,
+           "In 'anomalies' mode, also emit session spans that held a connection this long (ms)"),
+    Option("leak_threshold_s", 30.0, _non_negative_float,
+           "Report a connection checked out longer than this (s) while still held; 0 turns it off"),
+    Option("capture_code_site", True, _bool,
+           "Remember where each connection/session was taken (code.* attributes, leak reports)"),
+    Option("holders_limit", 5, _positive_int,
+           "How many of the oldest holders a wait span links to"),
+    Option("holders_log_interval_s", 60.0, _non_negative_float,
+           "At most one holders WARNING log per pool per this many seconds"),
+    Option("pg_activity", False, _bool,
+           "Sample pg_stat_activity on a dedicated connection (PostgreSQL only)"),
+    Option("pg_activity_interval_s", 15.0, _non_negative_float,
+           "Seconds between pg_stat_activity samples"),
+    Option("set_application_name", False, _bool,
+           "Set application_name per pool so pg_stat_activity rows map to pools"),
+)  # fmt: skip
+
+OPTIONS_BY_NAME: Mapping[str, Option] = {option.name: option for option in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Config:
+    pool_name: str | Callable[[Any], str] | None
+    wait_span_threshold_ms: float
+    session_spans: str
+    session_span_threshold_ms: float
+    leak_threshold_s: float
+    capture_code_site: bool
+    holders_limit: int
+    holders_log_interval_s: float
+    pg_activity: bool
+    pg_activity_interval_s: float
+    set_application_name: bool
+
+    @property
+    def wait_span_threshold_s(self) -> float:
+        return self.wait_span_threshold_ms / 1000.0
+
+    @property
+    def session_span_threshold_s(self) -> float:
+        return self.session_span_threshold_ms / 1000.0
+
+
+def _resolve(option: Option, kwargs: Mapping[str, Any], environ: Mapping[str, str]) -> Any:
+    if option.name in kwargs and kwargs[option.name] is not None:
+        value = kwargs[option.name]
+        if option.name == "pool_name" and callable(value):
+            return value
+        source = f"{option.name}={value!r}"
+        try:
+            # Parse kwargs through the same validator as env values: one rule for both.
+            return option.parse(value if isinstance(value, str) else _as_text(value))
+        except (TypeError, ValueError) as exc:
+            _warn(source, exc, option.default)
+            return option.default
+    raw = environ.get(option.env)
+    if raw is None or raw.strip() == "":
+        return option.default
+    try:
+        return option.parse(raw)
+    except (TypeError, ValueError) as exc:
+        _warn(f"{option.env}={raw!r}", exc, option.default)
+        return option.default
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    raise TypeError(f"unsupported type {type(value).__name__}")
+
+
+def _warn(source: str, exc: Exception, default: Any) -> None:
+    _logger.warning(
+        "opentelemetry-instrumentation-sqlalchemy-pool: invalid %s (%s); using default %r",
+        source,
+        exc,
+        default,
+    )
+
+
+def load_config(kwargs: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
+    """Build the effective configuration from instrument() kwargs and the environment."""
+    env = os.environ if environ is None else environ
+    values = {option.name: _resolve(option, kwargs, env) for option in OPTIONS}
+    return Config(**values)

@@ -1,0 +1,142 @@
+"""Pool-timeout forensics: who holds the connections right now.
+
+The registry of holders is the recorder's ``holders`` dict (filled on checkout, emptied on
+checkin). Nothing here runs on the hot path: snapshots are built only for slow/timed-out
+waits, the rate-limited WARNING log, and the public :func:`holders` API.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from time import monotonic, perf_counter
+from typing import Any
+
+from opentelemetry.trace import Link
+
+from opentelemetry import trace
+
+from . import semconv
+from .config import Config
+from .pools import POOL_RECORDER_ATTR, Hold, PoolRecorder
+
+_logger = logging.getLogger("opentelemetry.instrumentation.sqlalchemy_pool")
+
+
+def hold_route(hold: Hold) -> str | None:
+    """``http.route`` of the request that took the connection, when known (low cardinality)."""
+    state = hold.request
+    if state is not None:
+        route = state.route()
+        if route:
+            return route
+    span = trace.get_current_span(hold.context) if hold.context is not None else None
+    attributes = getattr(span, "attributes", None)
+    if attributes:
+        route = attributes.get(semconv.HTTP_ROUTE)
+        if isinstance(route, str):
+            return route
+    return None
+
+
+def describe_hold(hold: Hold, now: float) -> dict[str, Any]:
+    """One holder as plain data (no SQL, no parameters, no credentials)."""
+    span_context = trace.get_current_span(hold.context).get_span_context() if hold.context else None
+    in_tx_idle = hold.idle_s(now) if hold.tx_started else 0.0
+    entry: dict[str, Any] = {
+        "pool": hold.recorder.name,
+        "age_s": round(now - hold.t_out, 6),
+        "statements": hold.statements,
+        "idle_s": round(hold.idle_s(now), 6),
+        "idle_in_transaction_s": round(in_tx_idle, 6),
+        "code_site": str(hold.site) if hold.site else None,
+        "code_function": hold.site.function if hold.site else None,
+        "code_file": hold.site.file if hold.site else None,
+        "code_line": hold.site.line if hold.site else None,
+        "http_route": hold_route(hold),
+        "trace_id": None,
+        "span_id": None,
+        "session": hold.session is not None,
+    }
+    if span_context is not None and span_context.is_valid:
+        entry["trace_id"] = format(span_context.trace_id, "032x")
+        entry["span_id"] = format(span_context.span_id, "016x")
+    return entry
+
+
+def snapshot(recorder: PoolRecorder, limit: int | None = None) -> list[dict[str, Any]]:
+    now = perf_counter()
+    holds = recorder.oldest_holders(limit if limit is not None else len(recorder.holders))
+    return [describe_hold(hold, now) for _, hold in holds]
+
+
+def holders(pool_or_engine: Any, limit: int | None = None) -> list[dict[str, Any]]:
+    """Who holds the connections of this pool/engine now, oldest first.
+
+    Accepts an ``Engine``, ``AsyncEngine`` or ``Pool``. Returns [] when the pool is not
+    instrumented. Each entry: pool, age_s, statements, idle_s, idle_in_transaction_s,
+    code_site/code_function/code_file/code_line, http_route, trace_id, span_id, session.
+    """
+    engine = getattr(pool_or_engine, "sync_engine", pool_or_engine)
+    pool = getattr(engine, "pool", engine)
+    recorder = getattr(pool, "__dict__", {}).get(POOL_RECORDER_ATTR)
+    if not recorder:
+        return []
+    return snapshot(recorder, limit)
+
+
+class HolderForensics:
+    def __init__(self, config: Config):
+        self.config = config
+
+    def snapshot_links(self, recorder: PoolRecorder) -> tuple[list[Link], dict[str, Any]]:
+        """Links to the N oldest holders' spans, and summary attributes for a wait span."""
+        now = perf_counter()
+        all_holds = [hold for _, hold in recorder.oldest_holders(len(recorder.holders))]
+        links = []
+        for hold in all_holds[: self.config.holders_limit]:
+            span_context = trace.get_current_span(hold.context).get_span_context()
+            if not span_context.is_valid:
+                continue
+            described = describe_hold(hold, now)
+            attributes: dict[str, Any] = {
+                semconv.HOLDER_AGE: described["age_s"],
+                semconv.HOLDER_STATEMENTS: hold.statements,
+                semconv.HOLDER_IDLE_IN_TX: described["idle_in_transaction_s"],
+            }
+            if hold.site is not None:
+                attributes[semconv.CODE_FUNCTION] = hold.site.function
+                attributes[semconv.CODE_FILE] = hold.site.file
+                attributes[semconv.CODE_LINE] = hold.site.line
+            if described["http_route"]:
+                attributes[semconv.HTTP_ROUTE] = described["http_route"]
+            links.append(Link(span_context, attributes))
+        summary: dict[str, Any] = {semconv.HOLDERS_COUNT: len(all_holds)}
+        if all_holds:
+            sites = Counter(str(h.site) for h in all_holds if h.site is not None)
+            summary[semconv.HOLDERS_TOP_SITES] = [
+                f"{site} x{n}" for site, n in sites.most_common(3)
+            ]
+            idle_in_tx = sum(1 for h in all_holds if h.tx_started and h.idle_s(now) > 0.1)
+            summary[semconv.HOLDERS_IDLE_IN_TX_SHARE] = round(idle_in_tx / len(all_holds), 4)
+        return links, summary
+
+    def log_timeout(self, recorder: PoolRecorder, error: BaseException) -> None:
+        """One WARNING with the holders table per pool per burst (rate-limited)."""
+        now = monotonic()
+        if now - recorder.last_holders_log < self.config.holders_log_interval_s:
+            return
+        recorder.last_holders_log = now
+        rows = snapshot(recorder, self.config.holders_limit)
+        lines = [
+            f"pool {recorder.name!r}: checkout timed out ({error.__class__.__name__}); "
+            f"{recorder.used()} connections held, {recorder.pending()} waiting. Oldest holders:",
+            f"  {'age':>8}  {'stmts':>5}  {'idle-in-tx':>10}  {'route':<24}  code site",
+        ]
+        for row in rows:
+            lines.append(
+                f"  {row['age_s']:>7.2f}s  {row['statements']:>5}  "
+                f"{row['idle_in_transaction_s']:>9.2f}s  {(row['http_route'] or '-'):<24}  "
+                f"{row['code_site'] or '-'}"
+            )
+        _logger.warning("\n".join(lines))

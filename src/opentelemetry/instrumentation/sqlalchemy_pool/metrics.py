@@ -1,0 +1,170 @@
+"""OTel instruments and the callbacks that read pool figures at collection time.
+
+Gauges (count, max, idle.max, pending, configuration) are observable: they read the
+recorders when the SDK collects, so the hot path pays nothing for them. Histograms are
+recorded on the hot path, in the caller's context, so exemplars point at the right trace.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+
+from . import semconv
+from .pools import Hold, PoolRecorder
+
+_logger = logging.getLogger(__name__)
+
+ReleaseHook = Callable[[Any, Hold, float, bool], None]
+
+
+class Telemetry:
+    """The instruments, plus the few reactions that only record (no decisions)."""
+
+    def __init__(self, meter: Meter, recorders: Callable[[], Iterable[PoolRecorder]]):
+        self._recorders = recorders
+        buckets = list(semconv.DURATION_BUCKETS)
+
+        def histogram(name: str, description: str) -> Any:
+            return meter.create_histogram(
+                name, unit="s", description=description, explicit_bucket_boundaries_advisory=buckets
+            )
+
+        self.wait_time = histogram(
+            semconv.CONNECTION_WAIT_TIME,
+            "The time it took to obtain an open connection from the pool.",
+        )
+        self.create_time = histogram(
+            semconv.CONNECTION_CREATE_TIME, "The time it took to create a new connection."
+        )
+        self.use_time = histogram(
+            semconv.CONNECTION_USE_TIME,
+            "The time between borrowing a connection and returning it to the pool.",
+        )
+        self.held_idle_time = histogram(
+            semconv.CONNECTION_HELD_IDLE_TIME,
+            "Per checkout, the part of use_time with no statement running on the connection.",
+        )
+        self.session_duration = histogram(
+            semconv.SESSION_DURATION, "How long a Session held database connections."
+        )
+        self.timeouts = meter.create_counter(
+            semconv.CONNECTION_TIMEOUTS,
+            unit="{timeout}",
+            description="The number of connection timeouts that have occurred trying to obtain "
+            "a connection from the pool.",
+        )
+        self.closes = meter.create_counter(
+            semconv.CONNECTION_CLOSES,
+            unit="{connection}",
+            description="Connections closed or discarded by the pool, by reason.",
+        )
+        self.leaks = meter.create_counter(
+            semconv.LEAKS,
+            unit="{event}",
+            description="Connections held too long, sessions that outlived their response, "
+            "connections reclaimed by the garbage collector, transactions open at checkin.",
+        )
+        meter.create_observable_up_down_counter(
+            semconv.CONNECTION_COUNT,
+            [self._observe_count],
+            unit="{connection}",
+            description="The number of connections that are currently in state described by "
+            "the `state` attribute.",
+        )
+        meter.create_observable_up_down_counter(
+            semconv.CONNECTION_MAX,
+            [self._observer(PoolRecorder.max_connections)],
+            unit="{connection}",
+            description="The maximum number of open connections allowed.",
+        )
+        meter.create_observable_up_down_counter(
+            semconv.CONNECTION_IDLE_MAX,
+            [self._observer(PoolRecorder.idle_max)],
+            unit="{connection}",
+            description="The maximum number of idle open connections allowed.",
+        )
+        meter.create_observable_up_down_counter(
+            semconv.CONNECTION_PENDING_REQUESTS,
+            [self._observer(PoolRecorder.pending)],
+            unit="{request}",
+            description="The number of current pending requests for an open connection.",
+        )
+        meter.create_observable_gauge(
+            semconv.CONFIG_TIMEOUT,
+            [self._observer(lambda r: r.timeout)],
+            unit="s",
+            description="pool_timeout: how long a checkout waits before TimeoutError.",
+        )
+        meter.create_observable_gauge(
+            semconv.CONFIG_RECYCLE,
+            [self._observer(lambda r: r.recycle)],
+            unit="s",
+            description="pool_recycle: maximum connection age in seconds (-1 = never).",
+        )
+        meter.create_observable_gauge(
+            semconv.CONFIG_PRE_PING,
+            [self._observer(lambda r: int(r.pre_ping))],
+            unit="1",
+            description="pool_pre_ping: 1 when connections are tested on checkout.",
+        )
+        self._close_attrs: dict[tuple[str, str], dict[str, Any]] = {}
+        self._leak_attrs: dict[tuple[str, str], dict[str, Any]] = {}
+        # Hooks run when a checkout ends (sessions, leak reports), set by the instrumentor.
+        self.release_hooks: list[ReleaseHook] = []
+        self.track_statements = True
+
+    # -- observable callbacks -----------------------------------------------------------------
+    def _observe_count(self, options: CallbackOptions) -> Iterable[Observation]:
+        observations = []
+        for recorder in self._recorders():
+            try:
+                observations.append(Observation(recorder.used(), recorder.attrs_used))
+                observations.append(Observation(recorder.idle(), recorder.attrs_idle))
+            except Exception:
+                _logger.debug("could not read pool %s", recorder.name, exc_info=True)
+        return observations
+
+    def _observer(
+        self, read: Callable[[PoolRecorder], Any]
+    ) -> Callable[..., Iterable[Observation]]:
+        def callback(options: CallbackOptions) -> Iterable[Observation]:
+            observations = []
+            for recorder in self._recorders():
+                try:
+                    value = read(recorder)
+                except Exception:
+                    continue
+                if value is not None:
+                    observations.append(Observation(value, recorder.attrs))
+            return observations
+
+        return callback
+
+    # -- reactions ----------------------------------------------------------------------------
+    def release(self, record: Any, hold: Hold, now: float, detached: bool = False) -> None:
+        """A checkout ended (checkin, invalidation, detach or garbage collection)."""
+        recorder = hold.recorder
+        recorder.holders.pop(record, None)
+        self.use_time.record(now - hold.t_out, recorder.attrs)
+        if self.track_statements:
+            self.held_idle_time.record(hold.idle_s(now), recorder.attrs)
+        for hook in self.release_hooks:
+            hook(record, hold, now, detached)
+
+    def closed(self, recorder: PoolRecorder, reason: str) -> None:
+        key = (recorder.name, reason)
+        attrs = self._close_attrs.get(key)
+        if attrs is None:
+            attrs = self._close_attrs[key] = {**recorder.attrs, semconv.CLOSE_REASON: reason}
+        self.closes.add(1, attrs)
+
+    def leak(self, recorder: PoolRecorder, kind: str) -> None:
+        key = (recorder.name, kind)
+        attrs = self._leak_attrs.get(key)
+        if attrs is None:
+            attrs = self._leak_attrs[key] = {**recorder.attrs, semconv.LEAK_KIND: kind}
+        self.leaks.add(1, attrs)

@@ -1,0 +1,3 @@
+_instruments = ("sqlalchemy >= 2.0, < 2.2",)
+
+_supports_metrics = True

@@ -1,0 +1,603 @@
+"""Pools: discovery, naming, the per-pool recorder, and the one place that (un)hooks SQLAlchemy.
+
+Data flows one way: SQLAlchemy pool events and the checkout wait -> :class:`PoolRecorder`
+(plain ints, dicts and ``perf_counter`` stamps) -> OTel instruments (``metrics.py``) and
+spans (``wait.py``, ``sessions.py``, ``leaks.py``).
+
+How pools are found: ``_do_get`` (the method every pool class uses to hand out a connection
+record) is wrapped at class level, so the first checkout of *any* pool -- including pools of
+engines built before ``instrument()`` -- adopts it. Pool events are listened to at class level
+and mapped back to the recorder through an attribute on the connection record.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import logging
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from time import perf_counter
+from typing import Any
+
+from sqlalchemy import event, exc
+from sqlalchemy.engine import Engine
+from sqlalchemy.pool import NullPool, Pool, QueuePool, SingletonThreadPool, StaticPool
+
+from . import semconv
+from .codesite import CodeSite
+from .config import Config
+
+_logger = logging.getLogger(__name__)
+
+# Attribute names we put on SQLAlchemy objects (removed again by uninstrument()).
+POOL_RECORDER_ATTR = "_otel_sqlalchemy_pool_recorder"  # on Pool: PoolRecorder, or False = not ours
+RECORD_RECORDER_ATTR = "_otel_sqlalchemy_pool_recorder"  # on _ConnectionRecord: PoolRecorder
+HOLD_ATTR = "_otel_sqlalchemy_pool_hold"  # on _ConnectionRecord while checked out
+CREATE_TIME_ATTR = "_otel_sqlalchemy_pool_create_s"  # connect time, consumed by the wait timer
+CLOSE_REASON_ATTR = "_otel_sqlalchemy_pool_close_reason"  # set by invalidate, read by close
+
+
+class Hold:
+    """One checked-out connection: what the forensics and leak reports need, nothing more."""
+
+    __slots__ = (
+        "context",
+        "exec_s",
+        "leak_reported",
+        "recorder",
+        "request",
+        "session",
+        "site",
+        "statements",
+        "t_out",
+        "t_stmt",
+        "tx_started",
+    )
+
+    def __init__(
+        self,
+        recorder: PoolRecorder,
+        t_out: float,
+        context: Any,
+        site: CodeSite | None,
+        request: Any = None,
+    ):
+        self.recorder = recorder
+        self.request = request  # sessions.RequestState of the HTTP request, if any
+        self.t_out = t_out  # perf_counter at checkout
+        self.context = context  # OTel Context current at checkout (holder's span, route)
+        self.site = site
+        self.session: Any = None  # SessionTracker that owns this connection, if any
+        self.statements = 0
+        self.exec_s = 0.0  # time spent inside cursor.execute
+        self.t_stmt = 0.0  # start of the running statement, 0 when none is running
+        self.tx_started = 0.0  # perf_counter when the current DB transaction began, 0 if none
+        self.leak_reported = False
+
+    def idle_s(self, now: float) -> float:
+        """Held time with no statement running."""
+        busy = self.exec_s + ((now - self.t_stmt) if self.t_stmt else 0.0)
+        return max(0.0, (now - self.t_out) - busy)
+
+
+class PoolRecorder:
+    """Everything we know about one logical pool (it survives ``engine.dispose()``/recreate)."""
+
+    def __init__(self, pool: Pool, name: str):
+        self.name = name
+        self.attrs: dict[str, Any] = {semconv.POOL_NAME: name}
+        self.attrs_used = {**self.attrs, semconv.CONNECTION_STATE: semconv.STATE_USED}
+        self.attrs_idle = {**self.attrs, semconv.CONNECTION_STATE: semconv.STATE_IDLE}
+        self.holders: dict[Any, Hold] = {}  # connection record -> Hold (exact "used")
+        self.waiters: list[None] = []  # one entry per caller inside the checkout (pending)
+        self.open_nonqueue = 0  # NullPool: open connections (connect - close)
+        self._lock = threading.Lock()
+        self.last_holders_log = float("-inf")
+        # True/False once an AsyncSession used this pool (expire_on_commit review), else None.
+        self.async_expire_on_commit: bool | None = None
+        self.set_pool(pool)
+
+    def set_pool(self, pool: Pool) -> None:
+        self.pool_ref = weakref.ref(pool)
+        self.pool_class = type(pool).__name__
+        self.is_queue = isinstance(pool, QueuePool)
+        self.is_null = isinstance(pool, NullPool)
+        self.size: int | None = pool.size() if self.is_queue else None
+        overflow = getattr(pool, "_max_overflow", None) if self.is_queue else None
+        self.max_overflow: int | None = overflow
+        self.timeout: float | None = getattr(pool, "_timeout", None) if self.is_queue else None
+        self.recycle: float = float(getattr(pool, "_recycle", -1))
+        self.pre_ping = bool(getattr(pool, "_pre_ping", False))
+        self.creator_key = _creator_key(pool)
+
+    # -- figures read at collection time ------------------------------------------------------
+    def used(self) -> int:
+        return len(self.holders)
+
+    def pending(self) -> int:
+        return len(self.waiters)
+
+    def max_connections(self) -> int | None:
+        if self.is_queue:
+            if self.max_overflow is None or self.max_overflow < 0 or not self.size:
+                return None  # unlimited
+            return self.size + self.max_overflow
+        if isinstance(self.pool_ref(), (StaticPool,)):
+            return 1
+        return None
+
+    def idle_max(self) -> int | None:
+        if self.is_queue:
+            return self.size or None
+        return 0 if self.is_null else None
+
+    def idle(self) -> int:
+        pool = self.pool_ref()
+        if pool is None:
+            return 0
+        if self.is_queue:
+            # Records in the queue that still hold an open DBAPI connection (an invalidated
+            # record goes back to the queue empty and reconnects on its next checkout).
+            queue = getattr(getattr(pool, "_pool", None), "queue", None)
+            if queue is None:
+                return max(0, pool.checkedin())
+            return sum(1 for record in list(queue) if record.dbapi_connection is not None)
+        if self.is_null:
+            return 0
+        if isinstance(pool, SingletonThreadPool):
+            open_count = sum(1 for r in list(pool._all_conns) if r.dbapi_connection is not None)
+            return max(0, open_count - self.used())
+        if isinstance(pool, StaticPool):
+            record = pool.__dict__.get("connection")
+            is_open = record is not None and record.dbapi_connection is not None
+            return max(0, int(is_open) - self.used())
+        return 0
+
+    def oldest_holders(self, limit: int) -> list[tuple[Any, Hold]]:
+        items = list(self.holders.items())
+        items.sort(key=lambda item: item[1].t_out)
+        return items[:limit]
+
+
+def _creator_key(pool: Pool) -> tuple[int, int]:
+    # recreate() passes the same creator and dialect objects to the new pool: that pair
+    # identifies "the same logical pool" across engine.dispose(); two engines never share both.
+    return (id(getattr(pool, "_creator", None)), id(getattr(pool, "_dialect", None)))
+
+
+def _creator_closure(pool: Pool) -> dict[str, Any]:
+    """The variables create_engine's creator closes over (cparams, dialect), if any."""
+    creator = getattr(pool, "_creator", None)
+    try:
+        return dict(inspect.getclosurevars(creator).nonlocals) if creator else {}
+    except (TypeError, ValueError):
+        return {}
+
+
+def _url_name_from_creator(pool: Pool) -> str | None:
+    """host:port/database from the connect arguments captured by create_engine's creator."""
+    cparams = _creator_closure(pool).get("cparams")
+    if not isinstance(cparams, dict):
+        return None
+    return name_from_parts(
+        cparams.get("host"), cparams.get("port"), cparams.get("dbname") or cparams.get("database")
+    )
+
+
+def url_from_pool(pool: Pool) -> Any:
+    """A URL for a pool's database rebuilt from create_engine's connect arguments, or None.
+
+    Used only to open the pg_stat_activity sampler's own connection; it may carry the
+    password and is never logged or put on telemetry.
+    """
+    from sqlalchemy.engine import URL
+
+    closure = _creator_closure(pool)
+    cparams, dialect = closure.get("cparams"), closure.get("dialect")
+    if not isinstance(cparams, dict) or dialect is None:
+        return None
+    host = cparams.get("host")
+    query = {}
+    if isinstance(host, str) and host.startswith("/"):
+        query, host = {"host": host}, None
+    return URL.create(
+        f"{dialect.name}+{dialect.driver}",
+        username=cparams.get("user"),
+        password=cparams.get("password"),
+        host=host,
+        port=cparams.get("port"),
+        database=cparams.get("dbname") or cparams.get("database"),
+        query=query,
+    )
+
+
+def name_from_parts(host: Any, port: Any, database: Any) -> str | None:
+    if host is None and database is None:
+        return None
+    host_text = str(host) if host else "localhost"
+    if isinstance(host, (list, tuple)):
+        host_text = ",".join(map(str, host))
+    location = f"{host_text}:{port}" if port else host_text
+    return f"{location}/{database or ''}"
+
+
+def name_from_url(url: Any) -> str | None:
+    """host:port/database from a SQLAlchemy URL -- never the user or password."""
+    host = url.host or url.query.get("host")
+    return name_from_parts(host, url.port, url.database)
+
+
+class PoolRegistry:
+    """Owns every recorder and every hook we install; the only code that touches SQLAlchemy."""
+
+    def __init__(self, config: Config, telemetry: Any, leaks: Any, wrap_do_get: Callable[..., Any]):
+        self.config = config
+        self.telemetry = telemetry  # metrics.Telemetry
+        self.leaks = leaks  # leaks.LeakDetector
+        self.sessions: Any = None  # sessions.SessionTracking, when session tracking is on
+        self._wrap_do_get = wrap_do_get
+        self._recorders: dict[int, PoolRecorder] = {}  # id(recorder) -> recorder
+        self._lock = threading.RLock()
+        self._patched: list[tuple[type, str, Any]] = []
+        self._listeners: list[tuple[Any, str, Callable[..., Any]]] = []
+        self._adopted_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+        self._creator_patches: list[tuple[weakref.ref[Pool], Any]] = []
+        self._explicit_engines: list[weakref.ref[Any]] | None = None
+        self._explicit_keys: set[tuple[int, int]] = set()
+        self._names_in_use: set[str] = set()
+        self._counter = itertools.count(1)
+        self.on_new_recorder: list[Callable[[PoolRecorder, Pool, Any], None]] = []
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def install(self, engines: Iterable[Any] | None) -> None:
+        for cls in _pool_classes():
+            if "_do_get" in cls.__dict__:
+                original = cls.__dict__["_do_get"]
+                cls._do_get = self._wrap_do_get(original, self)
+                self._patched.append((cls, "_do_get", original))
+        pool_events = {
+            "checkin": self._on_checkin,
+            "reset": self._on_reset,
+            "detach": self._on_detach,
+            "close": self._on_close,
+            "invalidate": self._on_invalidate,
+            "connect": self._on_connect,
+        }
+        for name, fn in pool_events.items():
+            self._listen(Pool, name, fn)
+        if engines is not None:
+            self._explicit_engines = []
+            for engine in engines:
+                sync_engine = getattr(engine, "sync_engine", engine)
+                self._explicit_engines.append(weakref.ref(sync_engine))
+                self.adopt(sync_engine.pool, url=sync_engine.url)
+        engine_targets: list[Any] = (
+            [Engine] if engines is None else [ref() for ref in self._explicit_engines or []]
+        )
+        for target in engine_targets:
+            if target is None:
+                continue
+            self._listen(target, "before_cursor_execute", self._before_cursor_execute)
+            self._listen(target, "after_cursor_execute", self._after_cursor_execute)
+            self._listen(target, "handle_error", self._on_statement_error)
+
+    def _listen(self, target: Any, name: str, fn: Callable[..., Any]) -> None:
+        event.listen(target, name, fn)
+        self._listeners.append((target, name, fn))
+
+    def uninstall(self) -> None:
+        for target, name, fn in reversed(self._listeners):
+            try:
+                if event.contains(target, name, fn):
+                    event.remove(target, name, fn)
+            except Exception:
+                _logger.debug("could not remove %s listener", name, exc_info=True)
+        self._listeners.clear()
+        for cls, name, original in reversed(self._patched):
+            setattr(cls, name, original)
+        self._patched.clear()
+        for pool_ref, original in self._creator_patches:
+            pool = pool_ref()
+            if pool is not None and "_invoke_creator" in pool.__dict__:
+                pool.__dict__["_invoke_creator"] = original
+        self._creator_patches.clear()
+        for recorder in list(self._recorders.values()):
+            for record in list(recorder.holders):
+                record.__dict__.pop(HOLD_ATTR, None)
+                record.__dict__.pop(RECORD_RECORDER_ATTR, None)
+            recorder.holders.clear()
+        for pool in list(self._adopted_pools):
+            pool.__dict__.pop(POOL_RECORDER_ATTR, None)
+            for record in _pool_records(pool):
+                for attr in (RECORD_RECORDER_ATTR, HOLD_ATTR, CREATE_TIME_ATTR, CLOSE_REASON_ATTR):
+                    record.__dict__.pop(attr, None)
+        self._recorders.clear()
+        self._names_in_use.clear()
+
+    # -- discovery ----------------------------------------------------------------------------
+    def adopt(self, pool: Pool, url: Any = None) -> PoolRecorder | bool:
+        """The recorder of ``pool`` (created on first sight), or False if we must not touch it."""
+        with self._lock:
+            existing = pool.__dict__.get(POOL_RECORDER_ATTR)
+            if existing is not None:
+                return existing
+            key = _creator_key(pool)
+            if self._explicit_engines is not None and url is None:
+                if key not in self._explicit_keys:
+                    pool.__dict__[POOL_RECORDER_ATTR] = False
+                    self._adopted_pools.add(pool)
+                    return False
+            recorder = self._find_previous_generation(key)
+            if recorder is not None:
+                recorder.set_pool(pool)
+            else:
+                recorder = PoolRecorder(pool, self._name_for(pool, url))
+                self._recorders[id(recorder)] = recorder
+                for callback in self.on_new_recorder:
+                    try:
+                        callback(recorder, pool, url)
+                    except Exception:
+                        _log_hook_error("new pool")
+            if self._explicit_engines is not None:
+                self._explicit_keys.add(key)
+            self._patch_creator(pool, recorder)
+            pool.__dict__[POOL_RECORDER_ATTR] = recorder
+            self._adopted_pools.add(pool)
+            for record in _pool_records(pool):
+                record.__dict__[RECORD_RECORDER_ATTR] = recorder
+            return recorder
+
+    def _find_previous_generation(self, key: tuple[int, int]) -> PoolRecorder | None:
+        for recorder in self._recorders.values():
+            if recorder.creator_key == key:
+                return recorder
+        return None
+
+    def _name_for(self, pool: Pool, url: Any) -> str:
+        configured = self.config.pool_name
+        base: str | None = None
+        if callable(configured):
+            try:
+                base = str(configured(pool))
+            except Exception:
+                _logger.warning("pool_name callable raised; using the default name", exc_info=True)
+        elif configured:
+            base = configured
+        base = base or getattr(pool, "_orig_logging_name", None)
+        if not base and url is not None:
+            base = name_from_url(url)
+        base = base or _url_name_from_creator(pool) or f"pool-{next(self._counter)}"
+        name, n = base, 1
+        while name in self._names_in_use:
+            n += 1
+            name = f"{base}#{n}"
+        self._names_in_use.add(name)
+        return name
+
+    def _patch_creator(self, pool: Pool, recorder: PoolRecorder) -> None:
+        """Time DBAPI connects (create_time) and tag each new record with its recorder."""
+        original = pool.__dict__.get("_invoke_creator")
+        if original is None or getattr(original, "_otel_wrapped", False):
+            return
+        create_time = self.telemetry.create_time
+        attrs = recorder.attrs
+
+        def timed_creator(record: Any) -> Any:
+            # Tagged first so connect-time listeners (application_name) know the pool.
+            record.__dict__[RECORD_RECORDER_ATTR] = recorder
+            start = perf_counter()
+            connection = original(record)
+            elapsed = perf_counter() - start
+            try:
+                record.__dict__[CREATE_TIME_ATTR] = (
+                    record.__dict__.get(CREATE_TIME_ATTR, 0.0) + elapsed
+                )
+                create_time.record(elapsed, attrs)
+            except Exception:
+                _log_hook_error("connect")
+            return connection
+
+        timed_creator._otel_wrapped = True  # type: ignore[attr-defined]
+        pool.__dict__["_invoke_creator"] = timed_creator
+        self._creator_patches.append((weakref.ref(pool), original))
+
+    def recorders(self) -> list[PoolRecorder]:
+        """Live recorders; forgets those whose pools are gone and hold nothing."""
+        with self._lock:
+            alive = []
+            for key, recorder in list(self._recorders.items()):
+                if recorder.pool_ref() is None and not recorder.holders and not recorder.waiters:
+                    del self._recorders[key]
+                    self._names_in_use.discard(recorder.name)
+                    continue
+                alive.append(recorder)
+            return alive
+
+    # -- pool event listeners (class level; must never raise) ---------------------------------
+    def _on_connect(self, dbapi_connection: Any, record: Any) -> None:
+        try:
+            recorder = record.__dict__.get(RECORD_RECORDER_ATTR)
+            if recorder is not None and recorder.is_null:
+                with recorder._lock:
+                    recorder.open_nonqueue += 1
+        except Exception:
+            _log_hook_error("connect")
+
+    def _on_checkin(self, dbapi_connection: Any, record: Any) -> None:
+        try:
+            hold = record.__dict__.pop(HOLD_ATTR, None)
+            if hold is not None:
+                self.telemetry.release(record, hold, perf_counter())
+        except Exception:
+            _log_hook_error("checkin")
+
+    def _on_reset(self, dbapi_connection: Any, record: Any, reset_state: Any) -> None:
+        try:
+            hold = record.__dict__.get(HOLD_ATTR) if record is not None else None
+            if hold is None:
+                return
+            if getattr(record, "needs_gc", False):
+                # The fairy was garbage collected without being returned: a leak.
+                self.leaks.garbage_collected(record, hold)
+            if not reset_state.transaction_was_reset and _in_transaction(dbapi_connection):
+                self.leaks.open_transaction_at_checkin(record, hold)
+        except Exception:
+            _log_hook_error("reset")
+
+    def _on_detach(self, dbapi_connection: Any, record: Any) -> None:
+        try:
+            hold = record.__dict__.pop(HOLD_ATTR, None)
+            recorder = record.__dict__.get(RECORD_RECORDER_ATTR)
+            if hold is not None:
+                self.telemetry.release(record, hold, perf_counter(), detached=True)
+                recorder = hold.recorder
+            if recorder is not None:
+                self.telemetry.closed(recorder, semconv.CLOSE_REASON_DETACHED)
+                if recorder.is_null:
+                    with recorder._lock:
+                        recorder.open_nonqueue -= 1
+        except Exception:
+            _log_hook_error("detach")
+
+    def _on_invalidate(self, dbapi_connection: Any, record: Any, exception: Any) -> None:
+        try:
+            if isinstance(exception, exc.InvalidatePoolError):
+                reason = semconv.CLOSE_REASON_PRE_PING
+            elif (
+                exception is None
+                or isinstance(exception, exc.DisconnectionError)
+                or (isinstance(exception, exc.DBAPIError) and exception.connection_invalidated)
+            ):
+                reason = semconv.CLOSE_REASON_INVALIDATED
+            else:
+                reason = semconv.CLOSE_REASON_ERROR
+            record.__dict__[CLOSE_REASON_ATTR] = reason
+        except Exception:
+            _log_hook_error("invalidate")
+
+    def _on_close(self, dbapi_connection: Any, record: Any) -> None:
+        try:
+            recorder = record.__dict__.get(RECORD_RECORDER_ATTR)
+            if recorder is None:
+                return
+            reason = record.__dict__.pop(CLOSE_REASON_ATTR, None)
+            if reason is None:
+                if HOLD_ATTR in record.__dict__:
+                    reason = semconv.CLOSE_REASON_RECYCLE  # closed while being checked out
+                elif recorder.is_null:
+                    reason = semconv.CLOSE_REASON_NULLPOOL
+                elif _queue_full(recorder):
+                    reason = semconv.CLOSE_REASON_OVERFLOW  # no room to return it
+                else:
+                    reason = semconv.CLOSE_REASON_DISPOSE
+            if recorder.is_null:
+                with recorder._lock:
+                    recorder.open_nonqueue -= 1
+            self.telemetry.closed(recorder, reason)
+        except Exception:
+            _log_hook_error("close")
+
+    # -- statement timing (held-idle) ---------------------------------------------------------
+    def _before_cursor_execute(self, conn, cursor, statement, parameters, context, executemany):
+        try:
+            hold = _hold_of(conn)
+            if hold is not None:
+                hold.t_stmt = perf_counter()
+                hold.statements += 1
+                if not hold.tx_started:
+                    hold.tx_started = hold.t_stmt
+                if hold.session is not None and self.sessions is not None:
+                    self.sessions.on_statement(hold)
+        except Exception:
+            _log_hook_error("before_cursor_execute")
+
+    def _after_cursor_execute(self, conn, cursor, statement, parameters, context, executemany):
+        self._statement_done(conn)
+
+    def _on_statement_error(self, exception_context: Any) -> None:
+        self._statement_done(exception_context.connection)
+
+    def _statement_done(self, conn: Any) -> None:
+        try:
+            hold = _hold_of(conn)
+            if hold is not None and hold.t_stmt:
+                hold.exec_s += perf_counter() - hold.t_stmt
+                hold.t_stmt = 0.0
+        except Exception:
+            _log_hook_error("after_cursor_execute")
+
+
+def _hold_of(conn: Any) -> Hold | None:
+    if conn is None:
+        return None
+    fairy = conn._dbapi_connection  # None once the Connection is closed/invalidated
+    if fairy is None:
+        return None
+    record = getattr(fairy, "_connection_record", None)
+    return record.__dict__.get(HOLD_ATTR) if record is not None else None
+
+
+def _in_transaction(dbapi_connection: Any) -> bool:
+    """Whether the DBAPI connection is inside a server transaction (psycopg 3 / asyncpg)."""
+    if dbapi_connection is None:
+        return False
+    info = getattr(dbapi_connection, "info", None)
+    status = getattr(info, "transaction_status", None)
+    if status is not None:  # psycopg 3: 0 = IDLE
+        return int(status) != 0
+    driver = getattr(dbapi_connection, "driver_connection", None)
+    is_in_transaction = getattr(driver, "is_in_transaction", None)
+    if callable(is_in_transaction):  # asyncpg
+        return bool(is_in_transaction())
+    return False
+
+
+def _queue_full(recorder: PoolRecorder) -> bool:
+    pool = recorder.pool_ref()
+    queue = getattr(pool, "_pool", None)
+    full = getattr(queue, "full", None)
+    return bool(full()) if callable(full) else False
+
+
+def _pool_records(pool: Pool) -> Iterator[Any]:
+    """Connection records a pool currently keeps (idle ones), for tagging and cleanup."""
+    queue = getattr(getattr(pool, "_pool", None), "queue", None)
+    if queue is not None:
+        yield from list(queue)
+    all_conns = getattr(pool, "_all_conns", None)
+    if all_conns is not None:
+        yield from list(all_conns)
+    static = pool.__dict__.get("connection")
+    if static is not None:
+        yield static
+
+
+def _pool_classes() -> list[type]:
+    seen: list[type] = []
+    stack: list[type] = [Pool]
+    while stack:
+        cls = stack.pop()
+        if cls in seen:
+            continue
+        seen.append(cls)
+        stack.extend(cls.__subclasses__())
+    return seen
+
+
+_logged_hooks: set[str] = set()
+
+
+def _log_hook_error(hook: str) -> None:
+    """Log a failure in one of our hooks once per hook; the application never sees it."""
+    if hook in _logged_hooks:
+        _logger.debug("error in %s hook", hook, exc_info=True)
+        return
+    _logged_hooks.add(hook)
+    _logger.warning(
+        "opentelemetry-instrumentation-sqlalchemy-pool: internal error in the %s hook "
+        "(ignored; the application is unaffected)",
+        hook,
+        exc_info=True,
+    )

@@ -1,0 +1,337 @@
+"""Session lifetime: spans, outcome, held-idle time, code site, and "outlived its response".
+
+A :class:`SessionTracker` lives on each ``Session`` (and ``AsyncSession.sync_session``) that
+took a connection. A *holding period* runs from the session's first checkout to the release of
+its last connection; each period can become one ``sqlalchemy.session`` span, built only at its
+end (with the start time and parent captured at its start), so sessions that are not emitted
+cost no span at all.
+
+Outlived response -- the reliable signal. Starlette sends the response and then runs
+BackgroundTasks inside the same ASGI call, so "the server span ended" proves nothing. We wrap
+``Starlette.__call__`` (FastAPI included) with a tiny ASGI shim that marks the moment the final
+body chunk was sent, in a per-request state object carried by a contextvar (so it follows
+``asyncio.create_task`` copies too). A session *created before* that moment is flagged when it:
+(a) takes a connection after the response was sent, (b) runs a statement after it, or (c) still
+holds a connection when the request's ASGI call returns. A session created after the response
+(a fresh session inside the background task -- the correct pattern) is never flagged.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+import weakref
+from time import perf_counter
+from typing import Any
+
+from opentelemetry.trace import Tracer
+from sqlalchemy import event
+from sqlalchemy.orm import Session
+
+from opentelemetry import context as otel_context
+
+from . import semconv
+from .codesite import CodeSite, find_code_site
+from .config import SESSION_SPANS_ALL, SESSION_SPANS_NONE, Config
+from .pools import HOLD_ATTR, Hold, PoolRecorder, _log_hook_error
+
+_logger = logging.getLogger(__name__)
+
+TRACKER_ATTR = "_otel_sqlalchemy_pool_session"
+
+
+class RequestState:
+    """One HTTP request as seen from inside the app (set by the ASGI shim)."""
+
+    __slots__ = ("__weakref__", "response_sent_at", "scope", "trackers")
+
+    def __init__(self, scope: dict[str, Any]):
+        self.scope = scope
+        self.response_sent_at = 0.0  # perf_counter when the last body chunk was sent
+        self.trackers: weakref.WeakSet[SessionTracker] = weakref.WeakSet()
+
+    def route(self) -> str | None:
+        route = self.scope.get("route")
+        path = getattr(route, "path", None)
+        return path if isinstance(path, str) else None
+
+
+_request_state: contextvars.ContextVar[RequestState | None] = contextvars.ContextVar(
+    "otel_sqlalchemy_pool_request", default=None
+)
+
+
+def current_request() -> RequestState | None:
+    return _request_state.get()
+
+
+class SessionTracker:
+    __slots__ = (
+        "__weakref__",
+        "async_",
+        "born_after_response",
+        "exec_s",
+        "flagged_outlived",
+        "garbage_collected",
+        "holding",
+        "idle_s",
+        "outcome",
+        "parent_context",
+        "recorder",
+        "request",
+        "session_ref",
+        "site",
+        "start_ns",
+        "start_perf",
+        "statements",
+        "transactions",
+        "used_s",
+    )
+
+    def __init__(self, session: Session, request: RequestState | None):
+        self.session_ref = weakref.ref(session)
+        self.request = request
+        self.born_after_response = bool(request is not None and request.response_sent_at)
+        self.flagged_outlived = False
+        self.async_ = False
+        self.site: CodeSite | None = None
+        self.recorder: PoolRecorder | None = None
+        self.holding = 0  # connections currently held
+        self._reset_period()
+
+    def _reset_period(self) -> None:
+        self.start_perf = 0.0
+        self.start_ns = 0
+        self.parent_context: Any = None
+        self.statements = 0
+        self.transactions = 0
+        self.exec_s = 0.0
+        self.used_s = 0.0
+        self.idle_s = 0.0
+        self.outcome: str | None = None
+        self.garbage_collected = False
+
+    def after_response(self) -> bool:
+        """True when this request-scoped session is acting after its response was sent."""
+        request = self.request
+        return bool(
+            request is not None and request.response_sent_at and not self.born_after_response
+        )
+
+
+class SessionTracking:
+    """Session event listeners, the ASGI shim and session spans."""
+
+    def __init__(self, config: Config, telemetry: Any, leaks: Any, tracer: Tracer):
+        self.config = config
+        self.telemetry = telemetry
+        self.leaks = leaks
+        self.tracer = tracer
+        self._listeners: list[tuple[Any, str, Any]] = []
+        self._patched_asgi: tuple[type, Any] | None = None
+
+    # -- install ------------------------------------------------------------------------------
+    def install(self) -> None:
+        for name, fn in (
+            ("after_begin", self._after_begin),
+            ("after_commit", self._after_commit),
+            ("after_rollback", self._after_rollback),
+        ):
+            event.listen(Session, name, fn)
+            self._listeners.append((Session, name, fn))
+        self._patch_starlette()
+
+    def uninstall(self) -> None:
+        for target, name, fn in self._listeners:
+            if event.contains(target, name, fn):
+                event.remove(target, name, fn)
+        self._listeners.clear()
+        if self._patched_asgi is not None:
+            cls, original = self._patched_asgi
+            cls.__call__ = original
+            self._patched_asgi = None
+
+    def _patch_starlette(self) -> None:
+        try:
+            from starlette.applications import Starlette
+        except ImportError:
+            return
+        original = Starlette.__call__
+        if getattr(original, "_otel_sqlalchemy_pool", False):
+            return
+        tracking = self
+
+        async def __call__(app: Any, scope: Any, receive: Any, send: Any) -> None:
+            if scope.get("type") != "http" or _request_state.get() is not None:
+                await original(app, scope, receive, send)
+                return
+            state = RequestState(scope)
+            token = _request_state.set(state)
+
+            async def send_marking_response(message: Any) -> None:
+                await send(message)
+                if message.get("type") == "http.response.body" and not message.get("more_body"):
+                    state.response_sent_at = perf_counter()
+
+            try:
+                await original(app, scope, receive, send_marking_response)
+            finally:
+                _request_state.reset(token)
+                tracking._request_finished(state)
+
+        __call__._otel_sqlalchemy_pool = True  # type: ignore[attr-defined]
+        __call__.__wrapped__ = original  # type: ignore[attr-defined]
+        Starlette.__call__ = __call__  # type: ignore[method-assign]
+        self._patched_asgi = (Starlette, original)
+
+    # -- session events -----------------------------------------------------------------------
+    def _after_begin(self, session: Session, transaction: Any, connection: Any) -> None:
+        try:
+            tracker = session.__dict__.get(TRACKER_ATTR)
+            if tracker is None:
+                tracker = SessionTracker(session, _request_state.get())
+                tracker.async_ = _is_async(session)
+                session.__dict__[TRACKER_ATTR] = tracker
+                if tracker.request is not None:
+                    tracker.request.trackers.add(tracker)
+            hold = _hold_of_connection(connection)
+            if hold is None:
+                return
+            if hold.session is tracker:
+                tracker.transactions += 1
+                return
+            hold.session = tracker
+            recorder = hold.recorder
+            if tracker.holding == 0:
+                tracker.start_perf = hold.t_out
+                tracker.start_ns = time.time_ns() - int((perf_counter() - hold.t_out) * 1e9)
+                tracker.parent_context = hold.context
+                tracker.recorder = recorder
+                if tracker.site is None and self.config.capture_code_site:
+                    tracker.site = hold.site or find_code_site()
+                if tracker.async_ and session.expire_on_commit:
+                    recorder.async_expire_on_commit = True
+                elif tracker.async_ and recorder.async_expire_on_commit is None:
+                    recorder.async_expire_on_commit = False
+                if tracker.after_response():
+                    self._flag_outlived(tracker, "took a new connection")
+            tracker.holding += 1
+            tracker.transactions += 1
+        except Exception:
+            _log_hook_error("session after_begin")
+
+    def _after_commit(self, session: Session) -> None:
+        tracker = session.__dict__.get(TRACKER_ATTR)
+        if tracker is not None:
+            tracker.outcome = semconv.OUTCOME_COMMIT
+
+    def _after_rollback(self, session: Session) -> None:
+        tracker = session.__dict__.get(TRACKER_ATTR)
+        if tracker is not None:
+            tracker.outcome = semconv.OUTCOME_ROLLBACK
+
+    # -- hooks from the pool side -------------------------------------------------------------
+    def on_statement(self, hold: Hold) -> None:
+        tracker = hold.session
+        if tracker is not None and not tracker.flagged_outlived and tracker.after_response():
+            self._flag_outlived(tracker, "ran a statement")
+
+    def on_release(self, record: Any, hold: Hold, now: float, detached: bool) -> None:
+        tracker = hold.session
+        if tracker is None:
+            return
+        try:
+            hold.session = None
+            tracker.statements += hold.statements
+            tracker.exec_s += hold.exec_s
+            tracker.used_s += now - hold.t_out
+            tracker.idle_s += hold.idle_s(now)
+            tracker.holding -= 1
+            if tracker.holding <= 0:
+                tracker.holding = 0
+                self._period_ended(tracker, now)
+        except Exception:
+            _log_hook_error("session release")
+
+    def _request_finished(self, state: RequestState) -> None:
+        try:
+            for tracker in list(state.trackers):
+                if tracker.holding and not tracker.born_after_response:
+                    self._flag_outlived(tracker, "still held a connection when the request ended")
+        except Exception:
+            _log_hook_error("request end")
+
+    def _flag_outlived(self, tracker: SessionTracker, how: str) -> None:
+        if tracker.flagged_outlived or tracker.recorder is None:
+            return
+        tracker.flagged_outlived = True
+        site = str(tracker.site) if tracker.site is not None else "unknown code site"
+        self.leaks.outlived_response(tracker.recorder, site, how)
+
+    # -- spans --------------------------------------------------------------------------------
+    def _period_ended(self, tracker: SessionTracker, now: float) -> None:
+        recorder = tracker.recorder
+        if recorder is None:
+            return
+        duration = max(0.0, now - tracker.start_perf)
+        self.telemetry.session_duration.record(duration, recorder.attrs)
+        outcome = (
+            semconv.OUTCOME_GARBAGE_COLLECTED
+            if tracker.garbage_collected
+            else tracker.outcome or semconv.OUTCOME_CLOSE
+        )
+        mode = self.config.session_spans
+        anomalous = (
+            tracker.flagged_outlived
+            or tracker.garbage_collected
+            or duration >= self.config.session_span_threshold_s
+        )
+        if mode == SESSION_SPANS_ALL or (mode != SESSION_SPANS_NONE and anomalous):
+            self._emit_span(tracker, recorder, duration, outcome)
+        flagged = tracker.flagged_outlived
+        tracker._reset_period()
+        # A session keeps its "outlived" flag across periods: it stays a leak suspect.
+        tracker.flagged_outlived = flagged
+
+    def _emit_span(
+        self, tracker: SessionTracker, recorder: PoolRecorder, duration: float, outcome: str
+    ) -> None:
+        attributes: dict[str, Any] = {
+            **recorder.attrs,
+            semconv.SESSION_STATEMENTS: tracker.statements,
+            semconv.SESSION_TRANSACTIONS: tracker.transactions,
+            semconv.SESSION_OUTCOME: outcome,
+            semconv.SESSION_HELD_IDLE: round(tracker.idle_s, 6),
+            semconv.SESSION_OUTLIVED_RESPONSE: tracker.flagged_outlived,
+            semconv.SESSION_ASYNC: tracker.async_,
+        }
+        if tracker.site is not None:
+            attributes[semconv.CODE_FUNCTION] = tracker.site.function
+            attributes[semconv.CODE_FILE] = tracker.site.file
+            attributes[semconv.CODE_LINE] = tracker.site.line
+        route = tracker.request.route() if tracker.request is not None else None
+        if route:
+            attributes[semconv.HTTP_ROUTE] = route
+        parent = tracker.parent_context or otel_context.get_current()
+        span = self.tracer.start_span(
+            semconv.SESSION_SPAN_NAME,
+            context=parent,
+            start_time=tracker.start_ns,
+            attributes=attributes,
+        )
+        span.end(end_time=tracker.start_ns + int(duration * 1e9))
+
+
+def _hold_of_connection(connection: Any) -> Hold | None:
+    fairy = getattr(connection, "_dbapi_connection", None)
+    record = getattr(fairy, "_connection_record", None) if fairy is not None else None
+    return record.__dict__.get(HOLD_ATTR) if record is not None else None
+
+
+def _is_async(session: Session) -> bool:
+    try:
+        from sqlalchemy.ext.asyncio import async_session
+    except ImportError:  # pragma: no cover
+        return False
+    return async_session(session) is not None

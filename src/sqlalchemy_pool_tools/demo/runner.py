@@ -1,0 +1,897 @@
+"""``sqlalchemy-pool demo``: the reference app under load, leaky vs fixed vs undersized.
+
+One command, nothing to set up: an embedded PostgreSQL starts (``DATABASE_URL`` overrides
+it; a fresh database is created on that server), gets a little schema and data, and each
+scenario runs against a fresh app subprocess under bounded load:
+
+* ``leaky``      the leaky build: the request session is handed to a background task that
+                 holds a transaction open across a slow call, after the response;
+* ``fixed``      the fixed build, same pool and same load;
+* ``undersized`` the fixed build with a pool honestly too small for the concurrency.
+
+For each scenario the report puts client figures (req/s, latency percentiles, errors) next
+to the pool figures over the same window (checked-out, pending, wait p99, held-idle share,
+leaks and sessions that outlived their response, with the code sites holding connections,
+and pg_stat_activity states), then the doctor's verdict and a leaky-vs-fixed table.
+``--serve`` instead keeps one app and the database running for Prometheus/Grafana.
+Everything (database, subprocesses) is cleaned up on exit, Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from sqlalchemy_pool_tools.errors import UserError
+
+SCENARIO_NAMES = ("leaky", "fixed", "undersized")
+FULL_DURATION_S = 15.0
+QUICK_DURATION_S = 5.0
+APP_START_TIMEOUT_S = 30.0
+RESULT_VERSION = 1
+IDLE_IN_TX_FLAG_S = 0.1  # holder parked this long inside a transaction: flag it
+
+
+# --------------------------------------------------------------------------------------------
+# Scenarios
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Scenario:
+    """One app configuration and the load put on it."""
+
+    name: str
+    title: str
+    build: str
+    pool_size: int
+    max_overflow: int
+    pool_timeout: float
+    work_ms: float
+    slow_io_ms: float
+    paths: tuple[str, ...]
+    connections: int
+    rate: float | None  # requests/s; None = as fast as the app answers (closed loop)
+    expected: str  # the doctor verdict this scenario should get
+
+    def app_args(self) -> list[str]:
+        return [
+            "--build",
+            self.build,
+            "--pool-size",
+            str(self.pool_size),
+            "--max-overflow",
+            str(self.max_overflow),
+            "--pool-timeout",
+            str(self.pool_timeout),
+            "--work-ms",
+            str(self.work_ms),
+            "--slow-io-ms",
+            str(self.slow_io_ms),
+        ]
+
+    def describe(self) -> str:
+        pool = f"pool {self.pool_size}+{self.max_overflow}, timeout {self.pool_timeout:g} s"
+        rate = f", ~{self.rate:g} req/s" if self.rate else ""
+        return f"{self.build} build, {pool}; {self.connections} connections{rate}"
+
+
+# The leaky and fixed runs share pool and load so the comparison is fair. A third of the
+# requests are reports; in the leaky build each keeps a connection ~1 s after its response,
+# which is more than 10 connections can serve at this rate. The undersized pool is busy
+# running real (short) queries: no idle holding, just not enough connections.
+SCENARIOS: dict[str, Scenario] = {
+    "leaky": Scenario(
+        name="leaky",
+        title="leaky build: request session used by a background task, I/O in a transaction",
+        build="leaky",
+        pool_size=5,
+        max_overflow=5,
+        pool_timeout=2.0,
+        work_ms=5.0,
+        slow_io_ms=1000.0,
+        paths=("/orders", "/orders/report", "/orders"),
+        connections=20,
+        rate=60.0,
+        expected="leaked_sessions",
+    ),
+    "fixed": Scenario(
+        name="fixed",
+        title="fixed build: fresh session in the background task, no I/O in transactions",
+        build="fixed",
+        pool_size=5,
+        max_overflow=5,
+        pool_timeout=2.0,
+        work_ms=5.0,
+        slow_io_ms=1000.0,
+        paths=("/orders", "/orders/report", "/orders"),
+        connections=20,
+        rate=60.0,
+        expected="healthy",
+    ),
+    "undersized": Scenario(
+        name="undersized",
+        title="undersized pool: correct code, too few connections for the concurrency",
+        build="fixed",
+        pool_size=2,
+        max_overflow=0,
+        pool_timeout=1.0,
+        work_ms=25.0,
+        slow_io_ms=0.0,
+        paths=("/orders",),
+        connections=20,
+        rate=None,
+        expected="undersized_pool",
+    ),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Progress
+# --------------------------------------------------------------------------------------------
+class Progress:
+    """One line per phase on stderr (stdout stays clean for ``--json``).
+
+    On a terminal the line is written when the phase starts and completed with its duration
+    when it ends; elsewhere (CI logs, pipes) each phase is one plain line as it starts.
+    """
+
+    def __init__(self, stream: TextIO | None = None, enabled: bool = True) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = enabled and self.stream.isatty()
+        self.started = time.monotonic()
+        self._open = False
+
+    def _stamp(self) -> str:
+        return f"[{time.monotonic() - self.started:5.1f}s]"
+
+    @contextlib.contextmanager
+    def phase(self, text: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        t0 = time.monotonic()
+        if self.tty:
+            self.stream.write(f"{self._stamp()} {text} ... ")
+            self._open = True
+        else:
+            self.stream.write(f"{self._stamp()} {text}\n")
+        self.stream.flush()
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            if self.tty and self._open:
+                outcome = f"done ({time.monotonic() - t0:.1f} s)" if ok else "failed"
+                self.stream.write(outcome + "\n")
+                self.stream.flush()
+                self._open = False
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            if self._open:
+                self.stream.write("\n")
+                self._open = False
+            self.stream.write(f"{self._stamp()} {text}\n")
+            self.stream.flush()
+
+
+# --------------------------------------------------------------------------------------------
+# The app subprocess
+# --------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class AppProcess:
+    """The demo app under uvicorn in its own process group, so cleanup can kill it all."""
+
+    def __init__(
+        self, database_url: str, args: Sequence[str], log_dir: Path, port: int | None = None
+    ) -> None:
+        self.database_url = database_url
+        self.args = list(args)
+        self.log_path = log_dir / f"app-{len(list(log_dir.glob('app-*.log')))}.log"
+        self.fixed_port = port
+        self.port = port or 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _spawn(self) -> None:
+        self.port = self.fixed_port or free_port()
+        command = [
+            sys.executable,
+            "-m",
+            "sqlalchemy_pool_tools.demo.server",
+            "--database-url",
+            self.database_url,
+            "--port",
+            str(self.port),
+            *self.args,
+        ]
+        with open(self.log_path, "ab") as log:
+            # start_new_session: Ctrl-C in the terminal reaches only us; we stop the app.
+            self.proc = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return " | ".join(text[-lines:])
+
+    def start(self, timeout_s: float = APP_START_TIMEOUT_S) -> None:
+        import httpx
+
+        for attempt in range(3):  # the free port may be taken between probe and bind
+            self._spawn()
+            assert self.proc is not None
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    break
+                try:
+                    if httpx.get(self.url + "/healthz", timeout=1.0).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.1)
+            else:
+                self.stop()
+                raise UserError(f"the demo app did not start in {timeout_s:.0f} s")
+            tail = self.log_tail()
+            if "address already in use" in tail.lower() and not self.fixed_port and attempt < 2:
+                continue
+            if "address already in use" in tail.lower():
+                raise UserError(f"port {self.port} is already in use")
+            raise UserError(f"the demo app exited at startup: {tail or 'no output'}")
+
+    def stop(self, timeout_s: float = 8.0) -> None:
+        """SIGTERM the whole process group (uvicorn shuts down gracefully), then SIGKILL."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+# --------------------------------------------------------------------------------------------
+# Database
+# --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def demo_database(progress: Progress) -> Iterator[tuple[str, str]]:
+    """A fresh database with the demo schema: ``(url with password, source description)``."""
+    from sqlalchemy_pool_tools import pg
+    from sqlalchemy_pool_tools.demo.app import ORDER_ROWS, create_schema
+
+    external = bool(os.environ.get("DATABASE_URL"))
+    source = "DATABASE_URL" if external else "embedded PostgreSQL"
+    with progress.phase(f"starting {source}" if not external else "connecting to DATABASE_URL"):
+        server_cm = pg.database_url()
+        try:
+            admin_url = server_cm.__enter__()
+        except Exception as exc:
+            raise UserError(f"cannot start PostgreSQL: {_one_line(exc)}") from None
+    try:
+        with progress.phase(f"creating a database with {ORDER_ROWS} orders"):
+            try:
+                url = pg.create_database(admin_url, prefix="sqla_pool_demo")
+                create_schema(url)
+            except Exception as exc:
+                raise UserError(f"cannot create the demo database: {_one_line(exc)}") from None
+        try:
+            yield url.render_as_string(hide_password=False), source
+        finally:
+            if external:  # an embedded server disappears with its data directory anyway
+                _drop_database(admin_url, url.database)
+    finally:
+        with progress.phase("stopping PostgreSQL" if not external else "dropping the database"):
+            try:
+                server_cm.__exit__(None, None, None)
+            except Exception as exc:  # after Ctrl-C the server may already be gone
+                progress.note(f"PostgreSQL cleanup: {_one_line(exc)}")
+
+
+def _drop_database(admin_url: Any, name: str | None) -> None:
+    import sqlalchemy as sa
+
+    from sqlalchemy_pool_tools.pg import with_driver
+
+    if not name:
+        return
+    engine = sa.create_engine(with_driver(admin_url, "psycopg"), isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    except Exception:
+        pass  # best effort: never hide the real outcome of the run behind cleanup
+    finally:
+        engine.dispose()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# Holders: which code holds the connections (sampled during the load)
+# --------------------------------------------------------------------------------------------
+def _first(record: dict[str, Any], *keys: str) -> Any:
+    for key in keys:
+        if record.get(key) not in (None, ""):
+            return record[key]
+    return None
+
+
+def code_site(record: dict[str, Any]) -> str | None:
+    """``function (file:line)`` from a holder record, whatever its key style."""
+    function = _first(record, "code_function", "code.function.name", "function")
+    path = _first(record, "code_file", "code.file.path", "file", "filename")
+    line = _first(record, "code_line", "code.line.number", "line", "lineno")
+    site = _first(record, "code_site", "site")
+    if function is None and path is None:
+        return str(site) if site else None
+    where = f"{Path(str(path)).name}:{line}" if path else ""
+    if function and where:
+        return f"{function} ({where})"
+    return str(function or where)
+
+
+class HoldersSampler:
+    """Polls the app's ``/debug/pool/holders`` and tallies the code sites seen holding."""
+
+    def __init__(self, url: str, interval_s: float = 1.0) -> None:
+        self.url = url
+        self.interval_s = interval_s
+        self.samples = 0
+        self.max_holders = 0
+        self.sites: dict[str, dict[str, Any]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="holders-sampler", daemon=True)
+
+    def _take(self, client: Any) -> None:
+        try:
+            records = client.get(self.url).json()
+        except Exception:
+            return  # best effort: the figures that matter come from /metrics
+        if not isinstance(records, list):
+            return
+        self.samples += 1
+        self.max_holders = max(self.max_holders, len(records))
+        for record in records:
+            if not isinstance(record, dict):
+                continue
+            site = code_site(record) or "(unknown site)"
+            tally = self.sites.setdefault(
+                site,
+                {"site": site, "seen": 0, "max_age_s": 0.0, "max_idle_in_transaction_s": 0.0,
+                 "idle_in_transaction": False, "outlived_response": False, "route": None},
+            )  # fmt: skip
+            tally["seen"] += 1
+            age = _first(record, "age_s", "age")
+            if isinstance(age, (int, float)):
+                tally["max_age_s"] = max(tally["max_age_s"], float(age))
+            idle_tx = _first(record, "idle_in_transaction_s")
+            if isinstance(idle_tx, (int, float)):
+                tally["max_idle_in_transaction_s"] = max(
+                    tally["max_idle_in_transaction_s"], float(idle_tx)
+                )
+                # A statement gap this long is not ORM overhead: the transaction is parked.
+                tally["idle_in_transaction"] |= idle_tx >= IDLE_IN_TX_FLAG_S
+            if _first(record, "outlived_response"):
+                tally["outlived_response"] = True
+            tally["route"] = tally["route"] or _first(record, "http_route", "http.route")
+
+    def _loop(self) -> None:
+        import httpx
+
+        with httpx.Client(timeout=2.0) as client:
+            while not self._stop.wait(self.interval_s):
+                self._take(client)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def top(self, n: int = 5) -> list[dict[str, Any]]:
+        return sorted(self.sites.values(), key=lambda t: (-t["seen"], t["site"]))[:n]
+
+
+# --------------------------------------------------------------------------------------------
+# The doctor (written separately; used when importable)
+# --------------------------------------------------------------------------------------------
+def _jsonable(value: Any) -> Any:
+    """Diagnosis objects and friends as plain JSON data."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if hasattr(value, "to_dict") and callable(value.to_dict):
+        return _jsonable(value.to_dict())
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "value") and type(value).__module__ != "builtins":  # enums
+        return _jsonable(value.value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+class DoctorRun:
+    """``doctor.figures.from_metrics_endpoint`` on a thread, over the same window as the load,
+    then ``doctor.verdict.diagnose`` per pool."""
+
+    def __init__(self, metrics_url: str, duration_s: float, interval_s: float = 0.5) -> None:
+        self.metrics_url = metrics_url
+        self.duration_s = duration_s
+        self.interval_s = interval_s
+        self.figures: dict[str, Any] | None = None
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._run, name="doctor", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            from sqlalchemy_pool_tools.doctor import figures
+
+            self.figures = figures.from_metrics_endpoint(
+                self.metrics_url, self.duration_s, self.interval_s
+            )
+        except ImportError as exc:
+            self.error = f"doctor unavailable ({exc})"
+        except UserError as exc:
+            self.error = str(exc)
+        except Exception as exc:  # the demo still reports everything else
+            self.error = f"doctor failed: {type(exc).__name__}: {_one_line(exc)}"
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def diagnoses(self) -> dict[str, Any]:
+        """``{pool: diagnosis as JSON}``; empty with ``self.error`` set when unavailable."""
+        if not self.figures:
+            return {}
+        try:
+            from sqlalchemy_pool_tools.doctor import verdict
+        except ImportError as exc:
+            self.error = f"doctor verdicts unavailable ({exc})"
+            return {}
+        out: dict[str, Any] = {}
+        for pool, fig in self.figures.items():
+            try:
+                out[pool] = diagnosis_dict(verdict.diagnose(fig))
+            except Exception as exc:
+                self.error = f"diagnose failed: {type(exc).__name__}: {_one_line(exc)}"
+        return out
+
+
+def diagnosis_dict(diagnosis: Any) -> dict[str, Any]:
+    """A ``doctor.verdict.Diagnosis`` as JSON: headline verdict (a property, so not in the
+    dataclass fields) and findings; the figures are reported separately."""
+    data = _jsonable(diagnosis)
+    if not isinstance(data, dict):
+        return {"verdict": str(data)}
+    data.pop("figures", None)
+    headline = getattr(diagnosis, "verdict", None)
+    if isinstance(headline, str):
+        data = {"verdict": headline, **data}
+    return data
+
+
+def verdict_names(diagnosis: Any) -> list[str]:
+    """The verdict identifiers in a diagnosis, whatever its exact shape."""
+    if not isinstance(diagnosis, dict):
+        return [str(diagnosis)] if diagnosis else []
+    names: list[str] = []
+    for key in ("verdict", "kind", "code", "id", "name"):
+        value = diagnosis.get(key)
+        if isinstance(value, str):
+            names.append(value)
+            break
+    for key in ("verdicts", "findings", "causes", "problems"):
+        for item in diagnosis.get(key) or []:
+            names.extend(verdict_names(item) if isinstance(item, dict) else [str(item)])
+    return list(dict.fromkeys(names))
+
+
+# --------------------------------------------------------------------------------------------
+# Running a scenario
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ScenarioResult:
+    scenario: Scenario
+    load: Any  # loadtest.LoadResult
+    holders: dict[str, Any] = field(default_factory=dict)
+    diagnoses: dict[str, Any] = field(default_factory=dict)
+    doctor_error: str | None = None
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pool(self) -> Any:
+        return self.load.main_pool
+
+    @property
+    def diagnosis(self) -> dict[str, Any] | None:
+        """The diagnosis of the pool the load went through (the busiest one)."""
+        pool = self.pool
+        if pool is not None and pool.pool in self.diagnoses:
+            return self.diagnoses[pool.pool]
+        return next(iter(self.diagnoses.values()), None)
+
+    @property
+    def verdict(self) -> str | None:
+        """The doctor's headline verdict for this scenario's pool."""
+        names = verdict_names(self.diagnosis) if self.diagnosis else []
+        return names[0] if names else None
+
+    @property
+    def verdicts(self) -> list[str]:
+        """Every finding kind the doctor reported (headline first)."""
+        return verdict_names(self.diagnosis) if self.diagnosis else []
+
+    def to_dict(self) -> dict[str, Any]:
+        pool = self.pool
+        leaks = dict(pool.leaks) if pool else {}
+        return {
+            "name": self.scenario.name,
+            "title": self.scenario.title,
+            "config": dataclasses.asdict(self.scenario),
+            "load": self.load.to_dict(),
+            "throughput_rps": self.load.rps,
+            "latency_ms": self.load.latency_ms,
+            "errors": self.load.errors,
+            "timeouts": self.load.timeouts,
+            "pool": dataclasses.asdict(pool) if pool else None,
+            "leaks": leaks,
+            "outlived_response": leaks.get("outlived_response", 0.0),
+            "holders": self.holders,
+            "pg": {
+                "states_max": pool.pg_states_max if pool else {},
+                "oldest_transaction_s": pool.pg_oldest_xact_s if pool else None,
+            },
+            "figures": self.figures,
+            "diagnoses": self.diagnoses,
+            "verdict": self.verdict,
+            "verdicts": self.verdicts,
+            "expected_verdict": self.scenario.expected,
+            "doctor_error": self.doctor_error,
+        }
+
+
+def warm_up(base_url: str, concurrency: int) -> None:
+    """Concurrent requests so the pool opens its connections (and asyncpg its type caches)
+    before the measured window: the run shows steady state, not connection setup."""
+    import httpx
+
+    async def go() -> None:
+        async with httpx.AsyncClient(base_url=base_url, timeout=15.0) as client:
+            for _ in range(2):
+                await asyncio.gather(
+                    *(client.get(path) for path in ("/orders",) * max(1, concurrency))
+                )
+
+    try:
+        asyncio.run(go())
+    except httpx.HTTPError as exc:
+        raise UserError(f"the demo app does not answer: {_one_line(exc)}") from None
+
+
+def run_scenario(
+    scenario: Scenario,
+    database_url: str,
+    duration_s: float,
+    log_dir: Path,
+    progress: Progress,
+    tool: str = "auto",
+    register_app: Callable[[AppProcess | None], None] | None = None,
+) -> ScenarioResult:
+    """Fresh app, short warm-up, bounded load with metrics/holders/doctor sampling, stop."""
+    from sqlalchemy_pool_tools.loadtest import run_load
+
+    app = AppProcess(database_url, scenario.app_args(), log_dir)
+    if register_app:
+        register_app(app)
+    try:
+        with progress.phase(f"{scenario.name}: starting the app ({scenario.describe()})"):
+            app.start()
+            warm_up(app.url, scenario.pool_size)
+        drain_s = scenario.slow_io_ms / 1000 + 1.5  # let post-response work land in the window
+        with progress.phase(f"{scenario.name}: load for {duration_s:g} s"):
+            doctor = DoctorRun(app.url + "/metrics", duration_s + drain_s)
+            holders = HoldersSampler(app.url + "/debug/pool/holders", interval_s=0.5)
+            doctor.start()
+            holders.start()
+            load = None
+            try:
+                load = run_load(
+                    app.url,
+                    duration_s=duration_s,
+                    connections=scenario.connections,
+                    rate=scenario.rate,
+                    paths=list(scenario.paths),
+                    metrics_url=app.url + "/metrics",
+                    tool=tool,
+                    timeout_s=10.0,
+                    drain_s=drain_s,
+                    label=scenario.name,
+                )
+            finally:
+                holders.stop()
+                if load is not None:  # on Ctrl-C or an error, do not wait out the window
+                    doctor.join()
+        result = ScenarioResult(scenario=scenario, load=load)
+        result.holders = {
+            "samples": holders.samples,
+            "max_holders": holders.max_holders,
+            "top_sites": holders.top(),
+        }
+        result.diagnoses = doctor.diagnoses()
+        result.doctor_error = doctor.error
+        result.figures = {pool: _jsonable(fig) for pool, fig in (doctor.figures or {}).items()}
+        return result
+    finally:
+        app.stop()
+        if register_app:
+            register_app(None)
+
+
+# --------------------------------------------------------------------------------------------
+# Reports
+# --------------------------------------------------------------------------------------------
+def format_scenario(result: ScenarioResult) -> str:
+    from sqlalchemy_pool_tools.loadtest import _ms, format_pool
+
+    load = result.load
+    lat = load.latency_ms
+    lines = [
+        f"== {result.scenario.name}: {result.scenario.title}",
+        f"   {result.scenario.describe()}; paths {', '.join(result.scenario.paths)}",
+        f"   requests     {load.requests:,} in {load.duration_s:.1f} s = {load.rps:.1f} req/s",
+        f"   latency      p50 {_ms(lat.get('p50'))}  p95 {_ms(lat.get('p95'))}  "
+        f"p99 {_ms(lat.get('p99'))}",
+        f"   errors       {load.errors:,} (non-2xx {load.non_2xx:,}, timeouts {load.timeouts:,}, "
+        f"socket {load.connect_errors + load.read_errors + load.write_errors:,})",
+    ]
+    pool = result.pool
+    if pool is None:
+        lines.append("   pool         no pool metrics (is the instrumentor installed?)")
+    else:
+        lines.extend(format_pool(pool, indent="   "))
+        if "outlived_response" in pool.leaks:
+            lines.append(
+                f"   outlived     {pool.leaks['outlived_response']:.0f} sessions still held "
+                "a connection after their response was sent"
+            )
+    sites = result.holders.get("top_sites") or []
+    if sites:
+        lines.append("   holders      (code sites seen holding connections during the load)")
+        for site in sites[:3]:
+            flags = [
+                flag
+                for flag, on in (
+                    ("idle in transaction", site.get("idle_in_transaction")),
+                    ("outlived response", site.get("outlived_response")),
+                )
+                if on
+            ]
+            extra = f"; {', '.join(flags)}" if flags else ""
+            lines.append(
+                f"     {site['seen']:>4}x  {site['site']}  (max age {site['max_age_s']:.1f} s"
+                f"{extra})"
+            )
+    diagnosis = result.diagnosis
+    if diagnosis:
+        lines.append(f"   verdict      {result.verdict or '?'}")
+        findings = [f for f in diagnosis.get("findings") or [] if isinstance(f, dict)]
+        for finding in findings[:3]:
+            lines.append(f"     [{finding.get('severity', '?')}] {finding.get('title', '')}")
+        culprits = next((f.get("culprits") for f in findings if f.get("culprits")), None)
+        if culprits:
+            lines.append(f"     culprits: {'; '.join(map(str, culprits[:3]))}")
+    elif result.doctor_error:
+        lines.append(f"   verdict      unavailable: {result.doctor_error}")
+    return "\n".join(lines)
+
+
+def format_report(results: dict[str, ScenarioResult], source: str) -> str:
+    from sqlalchemy_pool_tools.loadtest import compare
+
+    parts = [format_scenario(r) for r in results.values()]
+    verdicts = ["== verdicts"]
+    for name, r in results.items():
+        got = r.verdict or (f"unavailable ({r.doctor_error})" if r.doctor_error else "?")
+        others = [v for v in r.verdicts[1:] if v != got]
+        also = f" (also: {', '.join(others)})" if others else ""
+        verdicts.append(f"   {name:<11} {got}{also}   [expected: {r.scenario.expected}]")
+    parts.append("\n".join(verdicts))
+    if "leaky" in results and "fixed" in results:
+        table = compare(results["leaky"].load, results["fixed"].load)
+        parts.append("== leaky (before) vs fixed (after), same pool and load\n" + table)
+    parts.append(f"(database: {source}; load: {next(iter(results.values())).load.tool})")
+    return "\n\n".join(parts)
+
+
+def report_json(results: dict[str, ScenarioResult], source: str, duration_s: float) -> str:
+    from sqlalchemy_pool_tools.loadtest import compare
+
+    data: dict[str, Any] = {
+        "version": RESULT_VERSION,
+        "database": source,
+        "duration_s": duration_s,
+        "scenarios": {name: r.to_dict() for name, r in results.items()},
+    }
+    if "leaky" in results and "fixed" in results:
+        data["comparison"] = {
+            "before": "leaky",
+            "after": "fixed",
+            "table": compare(results["leaky"].load, results["fixed"].load),
+        }
+    return json.dumps(_jsonable(data), indent=2)
+
+
+# --------------------------------------------------------------------------------------------
+# Command
+# --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _terminate_on_sigterm() -> Iterator[None]:
+    """SIGTERM behaves like Ctrl-C, so the same ``finally`` blocks clean up."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="run the reference app leaky vs fixed vs undersized under load",
+        description="Start an embedded PostgreSQL (DATABASE_URL overrides it), then run the "
+        "reference FastAPI + SQLAlchemy app under bounded load in three scenarios (leaky build, "
+        "fixed build, undersized pool) and report pool figures, verdicts and a before/after "
+        "table. --serve keeps one app running for Prometheus/Grafana instead.",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help=f"{QUICK_DURATION_S:g} s of load per scenario"
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help=f"seconds of load per scenario (default {FULL_DURATION_S:g})",
+    )
+    parser.add_argument(
+        "--scenario",
+        action="append",
+        choices=SCENARIO_NAMES,
+        help="run only this scenario (repeatable; default all)",
+    )
+    parser.add_argument("--tool", choices=("auto", "wrk", "builtin"), default="auto")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument(
+        "--serve", action="store_true", help="keep one app and the database running until Ctrl-C"
+    )
+    parser.add_argument(
+        "--build", choices=("fixed", "leaky"), default="fixed", help="app build for --serve"
+    )
+    parser.add_argument("--port", type=int, default=8000, help="app port for --serve")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    duration_s = args.duration or (QUICK_DURATION_S if args.quick else FULL_DURATION_S)
+    if not 1 <= duration_s <= 300:
+        raise UserError("--duration must be between 1 and 300 seconds")
+    if args.serve and not 1 <= args.port <= 65535:
+        raise UserError("--port must be between 1 and 65535")
+    progress = Progress(enabled=True)
+    current: dict[str, AppProcess | None] = {"app": None}
+
+    def register_app(app: AppProcess | None) -> None:
+        current["app"] = app
+
+    with _terminate_on_sigterm(), tempfile.TemporaryDirectory(prefix="sqla-pool-demo-") as tmp:
+        try:
+            with demo_database(progress) as (database_url, source):
+                if args.serve:
+                    return serve(database_url, args.build, args.port, Path(tmp), progress)
+                results: dict[str, ScenarioResult] = {}
+                for name in args.scenario or SCENARIO_NAMES:
+                    results[name] = run_scenario(
+                        SCENARIOS[name],
+                        database_url,
+                        duration_s,
+                        Path(tmp),
+                        progress,
+                        tool=args.tool,
+                        register_app=register_app,
+                    )
+        finally:
+            app = current["app"]
+            if app is not None:
+                app.stop()
+    if args.json:
+        print(report_json(results, source, duration_s))
+    else:
+        print(format_report(results, source))
+    return 0
+
+
+def serve(database_url: str, build: str, port: int, log_dir: Path, progress: Progress) -> int:
+    """Keep one app (and the database) up until Ctrl-C, for Prometheus and Grafana."""
+    scenario = SCENARIOS["leaky" if build == "leaky" else "fixed"]
+    app = AppProcess(database_url, scenario.app_args(), log_dir, port=port)
+    try:
+        with progress.phase(f"starting the app ({scenario.describe()})"):
+            app.start()
+        print(f"app:      {app.url}  (build {build}; routes /orders, /orders/report)")
+        print(f"metrics:  {app.url}/metrics")
+        print(f"holders:  {app.url}/debug/pool/holders")
+        print("Prometheus scrape config:")
+        print("  - job_name: sqlalchemy-pool-demo")
+        print(f"    static_configs: [{{targets: ['127.0.0.1:{port}']}}]")
+        print(
+            f"load it:  sqlalchemy-pool loadtest {app.url} --path /orders "
+            f"--path /orders/report --metrics-url {app.url}/metrics"
+        )
+        print("Ctrl-C stops the app and the database.", flush=True)
+        try:
+            while app.alive():
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            progress.note("stopping")
+            return 0
+        raise UserError(f"the demo app exited: {app.log_tail() or 'no output'}")
+    finally:
+        app.stop()

@@ -1,0 +1,474 @@
+"""Table-driven tests of the pure verdict functions."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+
+from sqlalchemy_pool_tools.doctor.figures import Figures
+from sqlalchemy_pool_tools.doctor.verdict import (
+    CAPACITY,
+    CONNECTION_CHURN,
+    CRITICAL,
+    HEALTHY,
+    IDLE_IN_TRANSACTION,
+    INFO,
+    INSUFFICIENT_DATA,
+    LEAKED_SESSIONS,
+    OK,
+    SEVERITY_RANK,
+    SLOW_QUERIES,
+    UNDERSIZED_POOL,
+    WARNING,
+    diagnose,
+    review_config,
+)
+
+# A healthy pool under steady traffic: 2 instances x (5 + 10), short busy holds.
+HEALTHY_FIGURES = Figures(
+    pool="main",
+    source="test",
+    window_s=300,
+    instances=2,
+    used_mean=3,
+    used_max=6,
+    idle_mean=2,
+    max_connections=15,
+    idle_max=5,
+    utilisation=0.2,
+    saturated_share=0.0,
+    pending_mean=0,
+    pending_max=0,
+    checkouts=30000,
+    checkout_rate=100,
+    timeouts=0,
+    wait_p50=0.0001,
+    wait_p95=0.0005,
+    wait_p99=0.002,
+    use_mean=0.02,
+    use_p95=0.08,
+    held_idle_share=0.05,
+    create_p95=0.01,
+    closes_by_reason={},
+    leaks_by_kind={},
+    used_last=4,
+    open_connections=10,
+    config_timeout=5,
+    config_recycle=280,
+    config_pre_ping=1,
+    expire_on_commit=0,
+    top_routes=["GET /orders/{id} - 900 req, p99 120 ms, 80% of request time"],
+    top_code_sites=["get_order (app/orders.py:42) - 3 leaks"],
+)
+
+SATURATED = dict(
+    used_mean=14.6,
+    used_max=15,
+    utilisation=0.97,
+    saturated_share=0.7,
+    pending_mean=3,
+    pending_max=8,
+    wait_p99=2.0,
+)
+PG_OK = dict(
+    pg_backends={"active": 3, "idle": 7},
+    pg_total_backends=30,
+    pg_oldest_transaction_age=0.5,
+    pg_oldest_query_age=0.2,
+    pg_max_connections=100,
+    pg_reserved_connections=3,
+    max_connections_sum=30,
+)
+
+
+def fig(*parts: dict, **overrides: object) -> Figures:
+    """The healthy figures with ``parts`` (dicts, later wins) and ``overrides`` applied."""
+    merged: dict = {}
+    for part in parts:
+        merged.update(part)
+    return replace(HEALTHY_FIGURES, **(merged | overrides))
+
+
+CASES = [
+    # (id, figures, verdict, kinds that must be present, kinds that must be absent, severity)
+    ("healthy", fig(), HEALTHY, {HEALTHY}, {UNDERSIZED_POOL, LEAKED_SESSIONS}, OK),
+    ("healthy_with_pg", fig(PG_OK), HEALTHY, {HEALTHY}, {CAPACITY, IDLE_IN_TRANSACTION}, OK),
+    (
+        "undersized_timeouts",
+        fig(SATURATED, timeouts=12),
+        UNDERSIZED_POOL,
+        {UNDERSIZED_POOL},
+        {LEAKED_SESSIONS, SLOW_QUERIES, HEALTHY},
+        CRITICAL,
+    ),
+    (
+        "undersized_queueing_only",
+        fig(used_mean=13, utilisation=0.87, saturated_share=0.3, pending_max=3, wait_p99=0.2),
+        UNDERSIZED_POOL,
+        {UNDERSIZED_POOL},
+        {HEALTHY},
+        WARNING,
+    ),
+    (
+        "undersized_held_idle_unknown_but_short_holds",
+        fig(SATURATED, timeouts=2, held_idle_share=None),
+        UNDERSIZED_POOL,
+        {UNDERSIZED_POOL},
+        {INSUFFICIENT_DATA},
+        CRITICAL,
+    ),
+    (
+        "leaked_starving_pool",
+        fig(
+            SATURATED,
+            timeouts=3,
+            held_idle_share=0.8,
+            use_mean=2.0,
+            use_p95=8.0,
+            leaks_by_kind={"outlived_response": 5, "long_hold": 2},
+        ),
+        LEAKED_SESSIONS,
+        {LEAKED_SESSIONS},
+        {UNDERSIZED_POOL, SLOW_QUERIES},
+        CRITICAL,
+    ),
+    (
+        "leaked_after_traffic_stopped",
+        fig(used_after_traffic_stopped=4, used_last=4),
+        LEAKED_SESSIONS,
+        {LEAKED_SESSIONS},
+        {HEALTHY},
+        WARNING,
+    ),
+    (
+        "leaked_garbage_collected",
+        fig(leaks_by_kind={"garbage_collected": 1}),
+        LEAKED_SESSIONS,
+        {LEAKED_SESSIONS},
+        set(),
+        WARNING,
+    ),
+    (
+        "leaked_no_traffic_but_connections_held",
+        fig(checkouts=0, checkout_rate=0, used_after_traffic_stopped=3, used_last=3),
+        LEAKED_SESSIONS,
+        {LEAKED_SESSIONS},
+        {INSUFFICIENT_DATA},
+        WARNING,
+    ),
+    (
+        "held_idle_high_but_tiny_holds_is_overhead",
+        fig(held_idle_share=0.7, use_mean=0.002, use_p95=0.004),
+        HEALTHY,
+        {HEALTHY},
+        {LEAKED_SESSIONS},
+        OK,
+    ),
+    (
+        "idle_in_transaction",
+        fig(
+            PG_OK,
+            {"pg_backends": {"idle in transaction": 6, "active": 1}},
+            pg_oldest_transaction_age=120,
+        ),
+        IDLE_IN_TRANSACTION,
+        {IDLE_IN_TRANSACTION},
+        {HEALTHY},
+        WARNING,
+    ),
+    (
+        "idle_in_transaction_very_old",
+        fig(PG_OK, {"pg_backends": {"idle in transaction": 1}}, pg_oldest_transaction_age=900),
+        IDLE_IN_TRANSACTION,
+        {IDLE_IN_TRANSACTION},
+        set(),
+        CRITICAL,
+    ),
+    (
+        "idle_in_transaction_at_checkin",
+        fig(leaks_by_kind={"open_transaction_at_checkin": 4}),
+        IDLE_IN_TRANSACTION,
+        {IDLE_IN_TRANSACTION},
+        {LEAKED_SESSIONS},
+        WARNING,
+    ),
+    (
+        "pg_idle_in_transaction_not_blamed_on_idle_pool",
+        fig(
+            PG_OK,
+            {"pg_backends": {"idle in transaction": 6}},
+            pg_oldest_transaction_age=120,
+            used_max=0,
+            used_mean=0,
+            utilisation=0,
+        ),
+        HEALTHY,
+        {HEALTHY},
+        {IDLE_IN_TRANSACTION},
+        OK,
+    ),
+    (
+        "slow_queries_contended",
+        fig(SATURATED, use_mean=1.5, use_p95=4.0, held_idle_share=0.05),
+        SLOW_QUERIES,
+        {SLOW_QUERIES},
+        {UNDERSIZED_POOL, LEAKED_SESSIONS},
+        WARNING,
+    ),
+    (
+        "slow_queries_long_hold_busy_is_not_a_leak",
+        fig(use_mean=1.5, use_p95=40.0, held_idle_share=0.02, leaks_by_kind={"long_hold": 3}),
+        HEALTHY,
+        {SLOW_QUERIES, HEALTHY},
+        {LEAKED_SESSIONS},
+        INFO,
+    ),
+    (
+        "slow_query_on_server",
+        fig(SATURATED, timeouts=1, pg_oldest_query_age=45),
+        SLOW_QUERIES,
+        {SLOW_QUERIES},
+        {UNDERSIZED_POOL},
+        CRITICAL,
+    ),
+    (
+        "churn_overflow",
+        fig(closes_by_reason={"overflow": 20.0, "dispose": 1.0}),
+        CONNECTION_CHURN,
+        {CONNECTION_CHURN},
+        {HEALTHY},
+        WARNING,
+    ),
+    (
+        "churn_pre_ping_failures",
+        fig(closes_by_reason={"pre_ping_failed": 0.01}),
+        CONNECTION_CHURN,
+        {CONNECTION_CHURN},
+        set(),
+        WARNING,
+    ),
+    (
+        "churn_slow_connect_only_is_info",
+        fig(closes_by_reason={"recycle": 0.5}, create_p95=1.2),
+        HEALTHY,
+        {CONNECTION_CHURN, HEALTHY},
+        set(),
+        INFO,
+    ),
+    (
+        "dispose_is_not_churn",
+        fig(closes_by_reason={"dispose": 50.0}),
+        HEALTHY,
+        {HEALTHY},
+        {CONNECTION_CHURN},
+        OK,
+    ),
+    (
+        "capacity_over_budget",
+        fig(
+            PG_OK,
+            {"pg_total_backends": 40, "max_connections_sum": 120},
+            instances=4,
+            max_connections=30,
+        ),
+        CAPACITY,
+        {CAPACITY},
+        {HEALTHY},
+        WARNING,
+    ),
+    (
+        "capacity_tight_while_undersized",
+        fig(SATURATED, PG_OK, {"pg_max_connections": 55, "pg_total_backends": 30}, timeouts=4),
+        UNDERSIZED_POOL,
+        {UNDERSIZED_POOL, CAPACITY},
+        set(),
+        CRITICAL,
+    ),
+    (
+        "capacity_tight_but_fine_is_info",
+        fig(PG_OK, {"pg_max_connections": 55, "pg_total_backends": 30}),
+        HEALTHY,
+        {CAPACITY, HEALTHY},
+        set(),
+        INFO,
+    ),
+    ("no_figures", Figures(pool="x"), INSUFFICIENT_DATA, {INSUFFICIENT_DATA}, set(), INFO),
+    (
+        "too_little_traffic",
+        fig(checkouts=5, checkout_rate=5 / 300),
+        INSUFFICIENT_DATA,
+        {INSUFFICIENT_DATA},
+        {HEALTHY},
+        INFO,
+    ),
+    (
+        "no_checkout_histogram",
+        fig(checkouts=None, checkout_rate=None, wait_p99=None, use_p95=None, use_mean=None),
+        INSUFFICIENT_DATA,
+        {INSUFFICIENT_DATA},
+        {HEALTHY},
+        INFO,
+    ),
+    (
+        "contended_but_cause_unknown",
+        fig(SATURATED, timeouts=3, use_p95=None, use_mean=None, held_idle_share=None),
+        INSUFFICIENT_DATA,
+        {INSUFFICIENT_DATA},
+        {UNDERSIZED_POOL, HEALTHY},
+        CRITICAL,
+    ),
+    (
+        "mixed_leak_idle_tx_churn",
+        fig(
+            SATURATED,
+            PG_OK,
+            {"pg_backends": {"idle in transaction": 5}},
+            timeouts=9,
+            held_idle_share=0.75,
+            use_mean=3.0,
+            use_p95=12.0,
+            pg_oldest_transaction_age=60,
+            closes_by_reason={"pre_ping_failed": 0.2},
+        ),
+        LEAKED_SESSIONS,
+        {LEAKED_SESSIONS, IDLE_IN_TRANSACTION, CONNECTION_CHURN},
+        {UNDERSIZED_POOL, HEALTHY},
+        CRITICAL,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("figures", "verdict", "present", "absent", "severity"),
+    [case[1:] for case in CASES],
+    ids=[case[0] for case in CASES],
+)
+def test_diagnose(figures: Figures, verdict: str, present: set, absent: set, severity: str) -> None:
+    diagnosis = diagnose(figures)
+    kinds = [f.kind for f in diagnosis.findings]
+    assert diagnosis.verdict == verdict, [(f.kind, f.severity, f.title) for f in diagnosis.findings]
+    assert present <= set(kinds)
+    assert not (absent & set(kinds))
+    assert diagnosis.severity == severity
+    assert diagnosis.healthy == (verdict == HEALTHY)
+    # most severe first
+    ranks = [SEVERITY_RANK[f.severity] for f in diagnosis.findings]
+    assert ranks == sorted(ranks)
+    for finding in diagnosis.findings:
+        assert finding.title and "\n" not in finding.title
+        assert all(isinstance(v, str) for _, v in finding.evidence)
+
+
+RUNBOOK = ["metrics", "session lifecycle", "pool limits", "load test", "max_connections"]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_next_steps_follow_the_runbook_order(case: tuple) -> None:
+    for finding in diagnose(case[1]).findings:
+        stages = [step.split(":", 1)[0] for step in finding.next_steps]
+        assert all(stage in RUNBOOK for stage in stages), stages
+        assert stages == sorted(stages, key=RUNBOOK.index)
+        if finding.kind in (UNDERSIZED_POOL, LEAKED_SESSIONS, SLOW_QUERIES, CAPACITY):
+            assert stages[0] == "metrics"
+        if finding.kind in (UNDERSIZED_POOL, LEAKED_SESSIONS, SLOW_QUERIES):
+            assert stages[-1] == "max_connections"  # raising the server limit comes last
+
+
+def test_undersized_suggests_a_size_within_server_headroom() -> None:
+    tight = fig(SATURATED, PG_OK, {"pg_max_connections": 55, "pg_total_backends": 30}, timeouts=4)
+    finding = diagnose(tight).findings[0]
+    assert finding.kind == UNDERSIZED_POOL
+    limits = next(s for s in finding.next_steps if s.startswith("pool limits"))
+    assert "from 15 to about 23 per instance" in limits  # 15 + 8 queued
+    assert "the server has only" in limits
+    assert ("server headroom", "2 connections") in finding.evidence
+    assert finding.culprits[0].startswith("GET /orders/{id}")  # routes first for load problems
+
+    roomy = diagnose(fig(SATURATED, PG_OK, timeouts=4)).findings[0]
+    assert not any("the server has only" in s for s in roomy.next_steps)
+    no_pg = diagnose(fig(SATURATED, timeouts=4)).findings[0]
+    assert any("enable pg_activity" in s for s in no_pg.next_steps)
+
+
+def test_leak_names_code_sites_first() -> None:
+    finding = diagnose(fig(leaks_by_kind={"outlived_response": 2})).findings[0]
+    assert finding.kind == LEAKED_SESSIONS
+    assert finding.culprits[0].startswith("get_order (app/orders.py:42)")
+    assert ("leaks: outlived response", "2") in finding.evidence
+
+
+def test_unknown_values_read_as_unknown() -> None:
+    finding = diagnose(fig(SATURATED, timeouts=1, held_idle_share=None)).findings[0]
+    assert ("held idle (no statement)", "unknown") in finding.evidence
+
+
+# --- configuration review --------------------------------------------------------------------
+CONFIG_CASES = [
+    # (id, overrides, review kwargs, expected {kind: severity})
+    ("good", {}, {}, {}),
+    ("timeout_equals_request_timeout", {"config_timeout": 30}, {}, {"pool_timeout": WARNING}),
+    (
+        "timeout_over_request_timeout_param",
+        {"config_timeout": 10},
+        {"request_timeout_s": 5},
+        {"pool_timeout": WARNING},
+    ),
+    ("timeout_most_of_budget", {"config_timeout": 20}, {}, {"pool_timeout": INFO}),
+    ("timeout_disabled", {"config_timeout": 0}, {}, {"pool_timeout": WARNING}),
+    ("timeout_infinite", {"config_timeout": math.inf}, {}, {"pool_timeout": WARNING}),
+    ("timeout_unknown_not_reviewed", {"config_timeout": None}, {}, {}),
+    ("recycle_off_with_pre_ping", {"config_recycle": -1}, {}, {"pool_recycle": INFO}),
+    (
+        "recycle_off_without_pre_ping",
+        {"config_recycle": -1, "config_pre_ping": 0},
+        {},
+        {"pool_recycle": WARNING, "pool_pre_ping": INFO},
+    ),
+    ("recycle_above_idle_timeout", {"config_recycle": 3600}, {}, {"pool_recycle": INFO}),
+    ("recycle_below_custom_idle_timeout", {"config_recycle": 3600}, {"idle_timeout_s": 7200}, {}),
+    (
+        "pre_ping_off_and_connections_dying",
+        {"config_pre_ping": 0, "closes_by_reason": {"invalidated": 0.1}},
+        {},
+        {"pool_pre_ping": WARNING},
+    ),
+    ("overflow_unlimited", {"max_connections": -1}, {}, {"max_overflow": WARNING}),
+    ("overflow_unlimited_inf", {"max_connections": math.inf}, {}, {"max_overflow": WARNING}),
+    ("async_expire_on_commit", {"expire_on_commit": 1}, {}, {"expire_on_commit": WARNING}),
+    (
+        "nothing_exported",
+        {
+            "config_timeout": None,
+            "config_recycle": None,
+            "config_pre_ping": None,
+            "expire_on_commit": None,
+            "max_connections": None,
+        },
+        {},
+        {"config_unknown": INFO},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "kwargs", "expected"),
+    [c[1:] for c in CONFIG_CASES],
+    ids=[c[0] for c in CONFIG_CASES],
+)
+def test_review_config(overrides: dict, kwargs: dict, expected: dict) -> None:
+    findings = review_config(fig(**overrides), **kwargs)
+    assert {f.kind: f.severity for f in findings} == expected
+    for finding in findings:
+        assert finding.title and "\n" not in finding.title
+        if finding.kind != "config_unknown":
+            assert finding.next_steps and finding.evidence
+
+
+def test_diagnose_includes_the_configuration_review() -> None:
+    diagnosis = diagnose(fig(config_timeout=30), request_timeout_s=60)
+    assert diagnosis.config == []
+    diagnosis = diagnose(fig(config_timeout=30))
+    assert [f.kind for f in diagnosis.config] == ["pool_timeout"]
+    assert diagnosis.healthy  # configuration advice is not a pool problem

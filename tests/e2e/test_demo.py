@@ -1,0 +1,213 @@
+"""``sqlalchemy-pool demo`` end to end: a real PostgreSQL, real app subprocesses, real load."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import URL
+
+from sqlalchemy_pool_tools.pg import with_driver
+
+pytestmark = pytest.mark.e2e
+
+
+def _instrumentor_available() -> bool:
+    try:
+        from opentelemetry.instrumentation.sqlalchemy_pool import (  # noqa: F401
+            SQLAlchemyPoolInstrumentor,
+        )
+    except ImportError:
+        return False
+    return True
+
+
+requires_instrumentor = pytest.mark.skipif(
+    not _instrumentor_available(), reason="the instrumentor is not importable yet"
+)
+
+
+@pytest.fixture(scope="module")
+def demo_env(pg_server_url: URL) -> dict[str, str]:
+    """The session's PostgreSQL as DATABASE_URL: the demo creates (and drops) its own database
+    there instead of starting a second embedded server."""
+    return dict(os.environ, DATABASE_URL=pg_server_url.render_as_string(hide_password=False))
+
+
+def _demo_databases(pg_server_url: URL) -> set[str]:
+    engine = sa.create_engine(with_driver(pg_server_url, "psycopg"))
+    try:
+        with engine.connect() as conn:
+            rows = conn.exec_driver_sql(
+                "SELECT datname FROM pg_database WHERE starts_with(datname, 'sqla_pool_demo_')"
+            )
+            return {row[0] for row in rows}
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo_env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], float]:
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "sqlalchemy_pool_tools", "demo", "--quick", "--json"],
+        env=demo_env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    return proc, time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def report(demo_run: tuple[subprocess.CompletedProcess[str], float]) -> dict:
+    proc, _ = demo_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def test_demo_finishes_quickly_with_progress_and_json(
+    demo_run: tuple[subprocess.CompletedProcess[str], float], report: dict
+) -> None:
+    proc, elapsed = demo_run
+    assert elapsed < 120
+    assert "Traceback" not in proc.stderr
+    progress = proc.stderr.strip().splitlines()
+    # One line per phase: database, then start + load for each scenario, then cleanup.
+    for scenario in ("leaky", "fixed", "undersized"):
+        assert sum(line.startswith("[") and f"] {scenario}:" in line for line in progress) == 2
+    assert report["version"] == 1
+    assert report["database"] == "DATABASE_URL"
+
+
+def test_every_scenario_has_the_figures(report: dict) -> None:
+    assert set(report["scenarios"]) == {"leaky", "fixed", "undersized"}
+    for name, scenario in report["scenarios"].items():
+        assert scenario["name"] == name
+        assert scenario["throughput_rps"] > 0, name
+        assert set(scenario["latency_ms"]) >= {"p50", "p95", "p99"}
+        assert scenario["errors"] >= 0
+        assert scenario["load"]["requests"] > 0
+        assert {"states_max", "oldest_transaction_s"} <= set(scenario["pg"])
+        assert "holders" in scenario and "verdict" in scenario
+        assert scenario["config"]["build"] in ("leaky", "fixed")
+
+
+def test_comparison_table(report: dict) -> None:
+    table = report["comparison"]["table"]
+    assert "before (leaky)" in table and "after (fixed)" in table
+    assert "throughput (req/s)" in table and "latency p99" in table
+
+
+@requires_instrumentor
+def test_pool_figures_present(report: dict) -> None:
+    for name, scenario in report["scenarios"].items():
+        pool = scenario["pool"]
+        assert pool is not None, f"{name}: no pool metrics"
+        for key in ("max_used", "mean_used", "max_pending", "wait_p99_ms", "held_idle_share"):
+            assert key in pool, (name, key)
+        assert pool["max_used"] >= 1
+        assert scenario["pg"]["states_max"], f"{name}: no pg_stat_activity figures"
+
+
+@requires_instrumentor
+def test_leaky_shows_leaks_and_fixed_does_not(report: dict) -> None:
+    leaky = report["scenarios"]["leaky"]
+    fixed = report["scenarios"]["fixed"]
+    assert leaky["outlived_response"] > 0 or leaky["pool"]["held_idle_share"] > 0.5, leaky
+    assert not fixed["outlived_response"], fixed["leaks"]
+    assert (fixed["pool"]["held_idle_share"] or 0) < 0.5
+    assert fixed["pool"]["timeouts"] == 0
+    # The leaky build keeps transactions open on the server, the fixed one does not.
+    assert leaky["pg"]["states_max"].get("idle in transaction", 0) > 0
+    assert leaky["pg"]["oldest_transaction_s"] > (fixed["pg"]["oldest_transaction_s"] or 0)
+    # The code holding the connections is named.
+    sites = [site["site"] for site in leaky["holders"]["top_sites"]]
+    assert any("leaky" in site or "report" in site for site in sites), sites
+
+
+@requires_instrumentor
+def test_undersized_shows_queueing(report: dict) -> None:
+    pool = report["scenarios"]["undersized"]["pool"]
+    assert pool["max_pending"] > 0 or pool["timeouts"] > 0
+    assert pool["max_used"] == pool["size_max"] == 2
+
+
+def test_demo_databases_are_dropped(
+    report: dict, pg_server_url: URL
+) -> None:  # after the run, its database is gone
+    assert not _demo_databases(pg_server_url)
+
+
+def _start_demo(argv: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "sqlalchemy_pool_tools", "demo", *argv],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_serve_runs_until_ctrl_c_and_cleans_up(
+    demo_env: dict[str, str], pg_server_url: URL
+) -> None:
+    with httpx.Client() as probe:
+        port = 18000 + os.getpid() % 1000
+        proc = _start_demo(["--serve", "--port", str(port)], demo_env)
+        try:
+            deadline = time.monotonic() + 60
+            lines: list[str] = []
+            assert proc.stdout is not None
+            while time.monotonic() < deadline:
+                line = proc.stdout.readline()
+                if not line:
+                    break
+                lines.append(line)
+                if line.startswith("Ctrl-C"):
+                    break
+            text = "".join(lines)
+            assert f"http://127.0.0.1:{port}/metrics" in text, (text, proc.stderr)
+            assert probe.get(f"http://127.0.0.1:{port}/orders").status_code == 200
+            assert probe.get(f"http://127.0.0.1:{port}/metrics").status_code == 200
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert "Traceback" not in (proc.stderr.read() if proc.stderr else "")
+        with pytest.raises(httpx.ConnectError):
+            probe.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+    assert not _demo_databases(pg_server_url)
+
+
+def test_interrupt_during_a_scenario_exits_130_and_cleans_up(
+    demo_env: dict[str, str], pg_server_url: URL
+) -> None:
+    proc = _start_demo(["--scenario", "fixed", "--duration", "30"], demo_env)
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line or "load for" in line:
+                break
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+        rest = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in rest
+    assert not _demo_databases(pg_server_url)
