@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from conftest import POOL, FakePoolApp, baseline, incident
+from doctor_fakes import POOL, FakePoolApp, baseline, incident
 
 from sqlalchemy_pool_tools.doctor import diagnose, from_metrics_endpoint
 from sqlalchemy_pool_tools.doctor.figures import (

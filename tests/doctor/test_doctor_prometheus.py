@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import POOL, FakePoolApp, baseline, incident
+from doctor_fakes import POOL, FakePoolApp, baseline, incident
 
 from sqlalchemy_pool_tools.doctor import diagnose, from_prometheus
 from sqlalchemy_pool_tools.doctor.verdict import LEAKED_SESSIONS

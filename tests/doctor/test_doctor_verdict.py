@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import pytest
+from doctor_fakes import PG_OK, SATURATED, fig
 
 from sqlalchemy_pool_tools.doctor.figures import Figures
 from sqlalchemy_pool_tools.doctor.verdict import (
@@ -25,71 +25,6 @@ from sqlalchemy_pool_tools.doctor.verdict import (
     diagnose,
     review_config,
 )
-
-# A healthy pool under steady traffic: 2 instances x (5 + 10), short busy holds.
-HEALTHY_FIGURES = Figures(
-    pool="main",
-    source="test",
-    window_s=300,
-    instances=2,
-    used_mean=3,
-    used_max=6,
-    idle_mean=2,
-    max_connections=15,
-    idle_max=5,
-    utilisation=0.2,
-    saturated_share=0.0,
-    pending_mean=0,
-    pending_max=0,
-    checkouts=30000,
-    checkout_rate=100,
-    timeouts=0,
-    wait_p50=0.0001,
-    wait_p95=0.0005,
-    wait_p99=0.002,
-    use_mean=0.02,
-    use_p95=0.08,
-    held_idle_share=0.05,
-    create_p95=0.01,
-    closes_by_reason={},
-    leaks_by_kind={},
-    used_last=4,
-    open_connections=10,
-    config_timeout=5,
-    config_recycle=280,
-    config_pre_ping=1,
-    expire_on_commit=0,
-    top_routes=["GET /orders/{id} - 900 req, p99 120 ms, 80% of request time"],
-    top_code_sites=["get_order (app/orders.py:42) - 3 leaks"],
-)
-
-SATURATED = dict(
-    used_mean=14.6,
-    used_max=15,
-    utilisation=0.97,
-    saturated_share=0.7,
-    pending_mean=3,
-    pending_max=8,
-    wait_p99=2.0,
-)
-PG_OK = dict(
-    pg_backends={"active": 3, "idle": 7},
-    pg_total_backends=30,
-    pg_oldest_transaction_age=0.5,
-    pg_oldest_query_age=0.2,
-    pg_max_connections=100,
-    pg_reserved_connections=3,
-    max_connections_sum=30,
-)
-
-
-def fig(*parts: dict, **overrides: object) -> Figures:
-    """The healthy figures with ``parts`` (dicts, later wins) and ``overrides`` applied."""
-    merged: dict = {}
-    for part in parts:
-        merged.update(part)
-    return replace(HEALTHY_FIGURES, **(merged | overrides))
-
 
 CASES = [
     # (id, figures, verdict, kinds that must be present, kinds that must be absent, severity)

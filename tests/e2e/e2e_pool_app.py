@@ -97,7 +97,7 @@ async def idle_in_transaction():
 @app.get("/session/{item}")
 async def session(item: int):
     async with Session() as db:
-        value = await db.scalar(sa.text("select :v"), {"v": item})
+        value = await db.scalar(sa.text("select cast(:v as integer)"), {"v": item})
         await db.commit()
     return {"value": value}
 

@@ -23,13 +23,14 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
-from pipeline.queries import REPO, all_queries, rule_files
+from pipeline.queries import all_queries, rule_files
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -83,8 +84,18 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait(timeout=5)
 
 
+@dataclass
+class App:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log.read_text()[-chars:]
+
+
 @pytest.fixture
-def app_url(async_url, tmp_path):
+def app(async_url, tmp_path):
     _require_instrumentor()
     port = _free_port()
     log = tmp_path / "app.log"
@@ -103,7 +114,7 @@ def app_url(async_url, tmp_path):
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_http(f"{url}/healthz", process, log)
-        yield url
+        yield App(url, process, log)
     finally:
         _stop(process)
 
@@ -125,7 +136,7 @@ def _test_rules(directory: Path) -> list[str]:
 
 
 @pytest.fixture
-def prometheus_url(app_url, tmp_path):
+def prometheus_url(app: App, tmp_path):
     if PROMETHEUS is None:
         pytest.skip("the prometheus binary is not on PATH (Debian: apt-get install prometheus)")
     port = _free_port()
@@ -133,7 +144,7 @@ def prometheus_url(app_url, tmp_path):
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": _test_rules(tmp_path),
         "scrape_configs": [
-            {"job_name": "app", "static_configs": [{"targets": [app_url.split("//", 1)[1]]}]}
+            {"job_name": "app", "static_configs": [{"targets": [app.url.split("//", 1)[1]]}]}
         ],
     }
     config_path = tmp_path / "prometheus.yml"
@@ -155,9 +166,9 @@ def prometheus_url(app_url, tmp_path):
         _stop(process)
 
 
-async def _drive(app_url: str, stop: asyncio.Event) -> dict[int, int]:
+async def _drive(app_url: str, stop: asyncio.Event) -> dict[int | str, int]:
     """Saturate the pool until ``stop`` is set (or MAX_REQUESTS were sent)."""
-    statuses: dict[int, int] = {}
+    statuses: dict[int | str, int] = {}
     sent = 0
     limits = httpx.Limits(max_connections=LOAD_WORKERS + 4)
 
@@ -169,8 +180,11 @@ async def _drive(app_url: str, stop: asyncio.Event) -> dict[int, int]:
                 sent += 1
                 path = paths[i % len(paths)].format(i=i)
                 i += 1
-                response = await client.get(path)
-                statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+                try:
+                    status: int | str = (await client.get(path)).status_code
+                except httpx.HTTPError as exc:  # counted; a dead app fails the test below
+                    status = type(exc).__name__
+                statuses[status] = statuses.get(status, 0) + 1
 
     side = ["/hold", "/idle-in-transaction", "/session/{i}"]
     await asyncio.gather(*(worker(["/slow"]) for _ in range(LOAD_WORKERS)), worker(side))
@@ -194,14 +208,14 @@ async def _query(client: httpx.AsyncClient, promql: str) -> tuple[str, list]:
     return "success", body["data"]["result"]
 
 
-async def test_every_query_returns_data_and_pool_alerts_fire(app_url, prometheus_url):
+async def test_every_query_returns_data_and_pool_alerts_fire(app: App, prometheus_url):
     stop = asyncio.Event()
-    load = asyncio.create_task(_drive(app_url, stop))
+    load = asyncio.create_task(_drive(app.url, stop))
     async with httpx.AsyncClient(base_url=prometheus_url, timeout=10) as prom:
         firing: dict[str, list[dict]] = {}
         deadline = time.monotonic() + 90
         try:
-            while time.monotonic() < deadline and not ALERTS_THAT_MUST_FIRE <= set(firing):
+            while time.monotonic() < deadline and not set(firing) >= ALERTS_THAT_MUST_FIRE:
                 await asyncio.sleep(1)
                 if load.done():
                     break
@@ -211,14 +225,17 @@ async def test_every_query_returns_data_and_pool_alerts_fire(app_url, prometheus
         finally:
             stop.set()
             statuses = await load
-        assert ALERTS_THAT_MUST_FIRE <= set(firing), (
-            f"firing: {sorted(firing)}; responses: {statuses}"
+        print(f"responses: {statuses}; firing: {sorted(firing)}")
+        assert app.process.poll() is None, f"the app died:\n{app.log_tail()}"
+        assert set(firing) >= ALERTS_THAT_MUST_FIRE, (
+            f"firing: {sorted(firing)}; responses: {statuses}\n{app.log_tail()}"
         )
         assert statuses.get(503), f"no pool timeouts seen by the client: {statuses}"
+        assert statuses.get(200), f"no request succeeded: {statuses}\n{app.log_tail()}"
         for name in ALERTS_THAT_MUST_FIRE:
             labels = firing[name][0]["labels"]
             assert labels["job"] == "app" and labels["db_client_connection_pool_name"] == "main"
-            assert labels["instance"] == app_url.split("//", 1)[1]
+            assert labels["instance"] == app.url.split("//", 1)[1]
 
         await asyncio.sleep(2)  # one more scrape after the load stopped
         failures, collector_only = [], []

@@ -40,3 +40,193 @@ def test_saturation_timeout_and_recovery(otel, make_sync_engine):
         db__client__connection__pool__name="orders",
         sqlalchemy__pool__close__reason="overflow",
     ) == 1
+
+
+def _pool_attr(name: str) -> dict[str, str]:
+    return {"db__client__connection__pool__name": name}
+
+
+async def test_async_engine_counts_and_wait_span(otel, make_async_engine):
+    otel.instrument(wait_span_threshold_ms=50)
+    engine = make_async_engine(pool_size=1, max_overflow=0, pool_timeout=5, pool_logging_name="aio")
+    import asyncio
+
+    release = asyncio.Event()
+
+    async def holder():
+        async with engine.connect() as conn:
+            await conn.execute(sa.text("select 1"))
+            await release.wait()
+
+    task = asyncio.create_task(holder())
+    await asyncio.sleep(0.2)
+    assert otel.count("aio") == (1, 0)
+
+    async def waiter():
+        async with engine.connect() as conn:
+            return (await conn.execute(sa.text("select 2"))).scalar()
+
+    wait_task = asyncio.create_task(waiter())
+    await asyncio.sleep(0.2)
+    assert otel.value("db.client.connection.pending_requests", **_pool_attr("aio")) == 1
+    release.set()
+    assert await wait_task == 2
+    await task
+    assert otel.count("aio") == (0, 1)
+    assert otel.value("db.client.connection.pending_requests", **_pool_attr("aio")) == 0
+    (span,) = otel.spans("sqlalchemy.pool.wait")
+    assert span.status.status_code.name == "UNSET"
+    assert span.attributes["sqlalchemy.pool.pending"] >= 1
+    assert span.attributes["sqlalchemy.pool.checked_out"] == 1
+    await engine.dispose()
+
+
+def test_fast_checkouts_create_no_span_and_record_histograms(otel, make_sync_engine):
+    otel.instrument()
+    engine = make_sync_engine(pool_logging_name="fast")
+    for _ in range(20):
+        with engine.connect() as conn:
+            conn.execute(sa.text("select 1"))
+    assert otel.spans("sqlalchemy.pool.wait") == []
+    assert otel.value("db.client.connection.wait_time", **_pool_attr("fast")) == 20
+    assert otel.value("db.client.connection.use_time", **_pool_attr("fast")) == 20
+    assert otel.value("sqlalchemy.pool.connection.held_idle_time", **_pool_attr("fast")) == 20
+    assert otel.value("db.client.connection.create_time", **_pool_attr("fast")) == 1
+    (wait,) = otel.points("db.client.connection.wait_time")
+    assert list(wait.explicit_bounds)[:2] == [0.0001, 0.00025]
+    assert wait.sum < 1.0  # connect time is not counted as waiting
+
+
+def test_name_from_url_without_credentials(otel, make_sync_engine, sync_url):
+    otel.instrument()
+    engine = make_sync_engine()
+    with engine.connect():
+        pass
+    (name,) = {p.attributes["db.client.connection.pool.name"] for p in otel.points("db.client.connection.count")}
+    assert name.endswith(f"/{sync_url.database}")
+    assert "postgres:" not in name and "@" not in name
+    second = make_sync_engine()
+    with second.connect():
+        pass
+    names = {p.attributes["db.client.connection.pool.name"] for p in otel.points("db.client.connection.count")}
+    assert names == {name, f"{name}#2"}
+
+
+def test_pool_name_override_kwarg_and_env(otel, make_sync_engine, monkeypatch):
+    monkeypatch.setenv("OTEL_PYTHON_SQLALCHEMY_POOL_POOL_NAME", "from-env")
+    otel.instrument()
+    engine = make_sync_engine()
+    with engine.connect():
+        pass
+    assert otel.count("from-env") == (0, 1)
+    otel.instrumentor.uninstrument()
+    otel.instrument(pool_name=lambda pool: "from-callable")
+    engine2 = make_sync_engine()
+    with engine2.connect():
+        pass
+    assert otel.count("from-callable") == (0, 1)
+
+
+def test_invalidation_recycle_pre_ping_and_detach(otel, make_sync_engine):
+    import time
+
+    otel.instrument()
+    engine = make_sync_engine(pool_size=3, max_overflow=0, pool_pre_ping=True, pool_logging_name="paths")
+    reason = "sqlalchemy__pool__close__reason"
+
+    # invalidation of a checked-out connection
+    conn = engine.connect()
+    conn.invalidate()
+    conn.close()
+    assert otel.count("paths") == (0, 0)
+    assert otel.value("sqlalchemy.pool.connection.closes", **_pool_attr("paths"), **{reason: "invalidated"}) == 1
+
+    # pre-ping failure: the server kills an idle pooled connection
+    with engine.connect() as conn:
+        pid = conn.exec_driver_sql("select pg_backend_pid()").scalar()
+    assert otel.count("paths") == (0, 1)
+    admin_engine = make_sync_engine(poolclass=sa.pool.NullPool)
+    with admin_engine.connect() as admin:
+        admin.exec_driver_sql(f"select pg_terminate_backend({pid})")
+    time.sleep(0.2)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("select 1").scalar() == 1
+    assert otel.value("sqlalchemy.pool.connection.closes", **_pool_attr("paths"), **{reason: "pre_ping_failed"}) == 1
+    assert otel.count("paths")[0] == 0
+
+    # recycle
+    engine.pool._recycle = 0.05
+    time.sleep(0.1)
+    with engine.connect() as conn:
+        conn.exec_driver_sql("select 1")
+    assert otel.value("sqlalchemy.pool.connection.closes", **_pool_attr("paths"), **{reason: "recycle"}) >= 1
+    engine.pool._recycle = -1
+
+    # detach: the connection leaves the pool, never checks in
+    conn = engine.connect()
+    conn.detach()
+    assert otel.count("paths")[0] == 0
+    conn.close()
+    assert otel.count("paths")[0] == 0
+    assert otel.value("sqlalchemy.pool.connection.closes", **_pool_attr("paths"), **{reason: "detached"}) == 1
+    assert engine.pool.checkedout() == 0
+
+
+def test_dispose_and_recreate_keep_one_series_and_heal(otel, make_sync_engine):
+    otel.instrument()
+    engine = make_sync_engine(pool_size=2, max_overflow=2, pool_logging_name="disp")
+    held = [engine.connect() for _ in range(3)]
+    assert otel.count("disp") == (3, 0)
+    engine.dispose()  # new pool; the three connections still belong to the old one
+    assert otel.count("disp") == (3, 0)
+    with engine.connect():
+        assert otel.count("disp") == (4, 0)
+    for conn in held:
+        conn.close()
+    used, idle = otel.count("disp")
+    assert used == 0
+    assert idle == 1  # the new pool keeps the one it opened
+    names = {p.attributes["db.client.connection.pool.name"] for p in otel.points("db.client.connection.count")}
+    assert names == {"disp"}
+
+
+def test_other_pool_classes(otel, sync_url):
+    from sqlalchemy.pool import AssertionPool, NullPool, SingletonThreadPool, StaticPool
+
+    otel.instrument()
+    engines = {
+        cls.__name__: sa.create_engine(sync_url, poolclass=cls, pool_logging_name=cls.__name__)
+        for cls in (NullPool, StaticPool, SingletonThreadPool, AssertionPool)
+    }
+    try:
+        for name, engine in engines.items():
+            conn = engine.connect()
+            conn.execute(sa.text("select 1"))
+            assert otel.count(name)[0] == 1, name
+            conn.close()
+            used, idle = otel.count(name)
+            assert used == 0, name
+            assert idle == (0 if name == "NullPool" else 1), name
+        assert otel.value("db.client.connection.max", **_pool_attr("StaticPool")) == 1
+        assert otel.value(
+            "sqlalchemy.pool.connection.closes",
+            **_pool_attr("NullPool"),
+            sqlalchemy__pool__close__reason="returned",
+        ) == 1
+    finally:
+        for engine in engines.values():
+            engine.dispose()
+
+
+def test_explicit_engines_only(otel, make_sync_engine):
+    mine = make_sync_engine(pool_logging_name="mine")
+    other = make_sync_engine(pool_logging_name="other")
+    otel.instrument(engines=[mine])
+    for engine in (mine, other):
+        with engine.connect():
+            pass
+    assert otel.count("mine") == (0, 1)
+    assert otel.count("other") == (None, None)
+    mine.dispose()  # the recreated pool of an explicit engine stays instrumented
+    with mine.connect():
+        assert otel.count("mine") == (1, 0)

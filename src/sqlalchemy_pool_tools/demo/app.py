@@ -161,39 +161,33 @@ AppSettings = Annotated[Settings, Depends(get_settings)]
 common = APIRouter()
 
 
+def simulated_work(work_ms: float) -> Any:
+    """A scalar subquery that keeps the server busy ``work_ms`` (evaluated once per
+    statement): stands in for a heavier query, so the connection is busy, not idle."""
+    return select(func.pg_sleep(work_ms / 1000)).scalar_subquery().label("work")
+
+
+def order_summary_query(work_ms: float) -> Any:
+    return select(
+        func.count(Order.id).label("orders"),
+        func.coalesce(func.sum(Order.total_cents), 0).label("total_cents"),
+        simulated_work(work_ms),
+    )
+
+
 @common.get("/orders")
 async def list_orders(session: DbSession, settings: AppSettings) -> dict[str, Any]:
-    """A short query: one customer's latest orders (``pg_sleep`` stands in for real work)."""
+    """A short query: one customer's latest orders."""
     customer_id = random.randint(1, 100)
     async with session.begin():  # the connection goes back to the pool at the end of the block
-        await _simulated_work(session, settings.work_ms)
         rows = await session.execute(
-            select(Order.id, Order.total_cents)
+            select(Order.id, Order.total_cents, simulated_work(settings.work_ms))
             .where(Order.customer_id == customer_id)
             .order_by(Order.id.desc())
             .limit(5)
         )
         orders = [{"id": row.id, "total_cents": row.total_cents} for row in rows]
     return {"customer_id": customer_id, "orders": orders}
-
-
-async def _simulated_work(session: AsyncSession, work_ms: float) -> None:
-    """Server-side time standing in for a heavier query (the connection is busy, not idle)."""
-    if work_ms > 0:
-        await session.execute(select(func.pg_sleep(work_ms / 1000)))
-
-
-async def _order_summary(session: AsyncSession, work_ms: float) -> dict[str, Any]:
-    await _simulated_work(session, work_ms)
-    row = (
-        await session.execute(
-            select(
-                func.count(Order.id).label("orders"),
-                func.coalesce(func.sum(Order.total_cents), 0).label("total_cents"),
-            )
-        )
-    ).one()
-    return {"orders": row.orders, "total_cents": int(row.total_cents)}
 
 
 async def call_reporting_service(summary: dict[str, Any], slow_io_ms: float) -> None:
@@ -210,7 +204,8 @@ async def orders_report(
     session: DbSession, settings: AppSettings, background: BackgroundTasks, request: Request
 ) -> dict[str, Any]:
     async with session.begin():
-        summary = await _order_summary(session, settings.work_ms)
+        row = (await session.execute(order_summary_query(settings.work_ms))).one()
+    summary = {"orders": row.orders, "total_cents": int(row.total_cents)}
     # Hand the task the session *factory*, not the session: it outlives this request.
     background.add_task(send_report, request.app.state.SessionLocal, summary, settings.slow_io_ms)
     return summary
@@ -234,7 +229,8 @@ async def leaky_orders_report(
     session: DbSession, settings: AppSettings, background: BackgroundTasks
 ) -> dict[str, Any]:
     # BUG 1: autobegin opens a transaction that nothing ends before the response.
-    summary = await _order_summary(session, settings.work_ms)
+    row = (await session.execute(order_summary_query(settings.work_ms))).one()
+    summary = {"orders": row.orders, "total_cents": int(row.total_cents)}
     # BUG 2: the request's session goes to a task that runs after the response is sent.
     background.add_task(leaky_send_report, session, summary, settings.slow_io_ms)
     return summary

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -57,6 +58,17 @@ def to_dict(diagnosis: Diagnosis) -> dict[str, object]:
     }
 
 
+def _json_safe(value: object) -> object:
+    """Strict JSON has no NaN/Infinity: unknown becomes null, infinite a string."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def render_json(diagnoses: Sequence[Diagnosis], source: str | None = None) -> str:
     doc = {
         "source": source,
@@ -64,7 +76,7 @@ def render_json(diagnoses: Sequence[Diagnosis], source: str | None = None) -> st
         "exit_code": exit_code(diagnoses),
         "pools": [to_dict(d) for d in diagnoses],
     }
-    return json.dumps(doc, indent=2, sort_keys=False, default=str)
+    return json.dumps(_json_safe(doc), indent=2, allow_nan=False, default=str)
 
 
 def use_colour(stream: TextIO) -> bool:

@@ -332,8 +332,8 @@ def _undersized(fig: Figures, sig: _Signals) -> Finding:
     return Finding(
         kind=UNDERSIZED_POOL,
         severity=CRITICAL if _gt(fig.timeouts, 0) else WARNING,
-        title=f"Pool too small for the load: {'; '.join(sig.contention)}, connections busy "
-        "executing short holds",
+        title=f"Pool too small for the load: {'; '.join(sig.contention)} - while connections "
+        "are busy with short holds",
         evidence=evidence,
         culprits=_culprits(fig, routes_first=True),
         next_steps=_steps(

@@ -39,16 +39,15 @@ from collections.abc import Collection
 from typing import Any
 
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
-from opentelemetry.metrics import Observation
+from opentelemetry.metrics import get_meter
 
 from opentelemetry import trace
-from opentelemetry.metrics import get_meter
 
 from . import semconv
 from .config import OPTIONS, SESSION_SPANS_NONE, Config, load_config
 from .holders import HolderForensics, holders
 from .leaks import LeakDetector
-from .metrics import Telemetry
+from .metrics import telemetry_for
 from .package import _instruments
 from .pools import PoolRecorder, PoolRegistry
 from .sessions import SessionTracking
@@ -83,7 +82,8 @@ class SQLAlchemyPoolInstrumentor(BaseInstrumentor):
         def recorders() -> list[PoolRecorder]:
             return registry_box[0].recorders() if registry_box else []
 
-        telemetry = Telemetry(meter, recorders)
+        telemetry = telemetry_for(meter)
+        telemetry.bind(recorders)
         leaks = LeakDetector(config, telemetry, recorders)
         forensics = HolderForensics(config)
         waits = WaitTimer(config, telemetry, tracer, forensics)
@@ -96,10 +96,10 @@ class SQLAlchemyPoolInstrumentor(BaseInstrumentor):
             registry.sessions = sessions
             telemetry.release_hooks.append(sessions.on_release)
         telemetry.release_hooks.append(leaks.on_release)
-        _observe_session_config(meter, recorders)
 
-        pg = _PgActivity(config, meter) if config.pg_activity else None
+        pg = _PgActivity(config) if config.pg_activity else None
         if pg is not None:
+            telemetry.pg_samplers = lambda: list(pg.samplers.items())
             registry.on_new_recorder.append(pg.add)
         if config.set_application_name:
             registry.on_new_recorder.append(_ApplicationName.enable)
@@ -147,31 +147,12 @@ def _engines_from(kwargs: dict[str, Any]) -> list[Any] | None:
     return engines
 
 
-def _observe_session_config(meter: Any, recorders: Any) -> None:
-    def callback(options: Any) -> list[Observation]:
-        return [
-            Observation(int(recorder.async_expire_on_commit), recorder.attrs)
-            for recorder in recorders()
-            if recorder.async_expire_on_commit is not None
-        ]
-
-    meter.create_observable_gauge(
-        semconv.SESSIONS_EXPIRE_ON_COMMIT,
-        [callback],
-        unit="1",
-        description="1 when an AsyncSession on this pool was created with expire_on_commit=True.",
-    )
-
-
 class _PgActivity:
     """One pg_stat_activity sampler per PostgreSQL pool (own connection, own thread)."""
 
-    def __init__(self, config: Config, meter: Any):
-        from .pg_activity import observe
-
+    def __init__(self, config: Config):
         self.config = config
         self.samplers: dict[str, Any] = {}
-        observe(meter, lambda: list(self.samplers.items()))
 
     def add(self, recorder: PoolRecorder, pool: Any, url: Any) -> None:
         from .pg_activity import PgActivitySampler, application_name_for

@@ -8,6 +8,7 @@ recorded on the hot path, in the caller's context, so exemplars point at the rig
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -21,11 +22,24 @@ _logger = logging.getLogger(__name__)
 ReleaseHook = Callable[[Any, Hold, float, bool], None]
 
 
+_by_meter: weakref.WeakKeyDictionary[Meter, Telemetry] = weakref.WeakKeyDictionary()
+
+
+def telemetry_for(meter: Meter) -> Telemetry:
+    """One Telemetry per meter: the SDK keeps the first instrument registered under a name,
+    so instrument() after uninstrument() must reuse the instruments and swap their source."""
+    telemetry = _by_meter.get(meter)
+    if telemetry is None:
+        telemetry = _by_meter[meter] = Telemetry(meter)
+    telemetry.reset()
+    return telemetry
+
+
 class Telemetry:
     """The instruments, plus the few reactions that only record (no decisions)."""
 
-    def __init__(self, meter: Meter, recorders: Callable[[], Iterable[PoolRecorder]]):
-        self._recorders = recorders
+    def __init__(self, meter: Meter):
+        self.reset()
         buckets = list(semconv.DURATION_BUCKETS)
 
         def histogram(name: str, description: str) -> Any:
@@ -111,11 +125,29 @@ class Telemetry:
             unit="1",
             description="pool_pre_ping: 1 when connections are tested on checkout.",
         )
+        meter.create_observable_gauge(
+            semconv.SESSIONS_EXPIRE_ON_COMMIT,
+            [self._observe_expire_on_commit],
+            unit="1",
+            description="1 when an AsyncSession on this pool was created with "
+            "expire_on_commit=True.",
+        )
+        from .pg_activity import observe
+
+        observe(meter, lambda: self.pg_samplers())
         self._close_attrs: dict[tuple[str, str], dict[str, Any]] = {}
         self._leak_attrs: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def reset(self) -> None:
+        """Detach from the previous instrument() run (see telemetry_for)."""
+        self._recorders: Callable[[], Iterable[PoolRecorder]] = list
+        self.pg_samplers: Callable[[], Iterable[tuple[str, Any]]] = list
         # Hooks run when a checkout ends (sessions, leak reports), set by the instrumentor.
         self.release_hooks: list[ReleaseHook] = []
         self.track_statements = True
+
+    def bind(self, recorders: Callable[[], Iterable[PoolRecorder]]) -> None:
+        self._recorders = recorders
 
     # -- observable callbacks -----------------------------------------------------------------
     def _observe_count(self, options: CallbackOptions) -> Iterable[Observation]:
@@ -143,6 +175,13 @@ class Telemetry:
             return observations
 
         return callback
+
+    def _observe_expire_on_commit(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(int(recorder.async_expire_on_commit), recorder.attrs)
+            for recorder in self._recorders()
+            if recorder.async_expire_on_commit is not None
+        ]
 
     # -- reactions ----------------------------------------------------------------------------
     def release(self, record: Any, hold: Hold, now: float, detached: bool = False) -> None:

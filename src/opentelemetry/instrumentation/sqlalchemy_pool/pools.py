@@ -23,7 +23,14 @@ from typing import Any
 
 from sqlalchemy import event, exc
 from sqlalchemy.engine import Engine
-from sqlalchemy.pool import NullPool, Pool, QueuePool, SingletonThreadPool, StaticPool
+from sqlalchemy.pool import (
+    AssertionPool,
+    NullPool,
+    Pool,
+    QueuePool,
+    SingletonThreadPool,
+    StaticPool,
+)
 
 from . import semconv
 from .codesite import CodeSite
@@ -35,7 +42,7 @@ _logger = logging.getLogger(__name__)
 POOL_RECORDER_ATTR = "_otel_sqlalchemy_pool_recorder"  # on Pool: PoolRecorder, or False = not ours
 RECORD_RECORDER_ATTR = "_otel_sqlalchemy_pool_recorder"  # on _ConnectionRecord: PoolRecorder
 HOLD_ATTR = "_otel_sqlalchemy_pool_hold"  # on _ConnectionRecord while checked out
-CREATE_TIME_ATTR = "_otel_sqlalchemy_pool_create_s"  # connect time, consumed by the wait timer
+CREATE_TIME_ATTR = "_otel_sqlalchemy_pool_create"  # (end, seconds) of the last DBAPI connect
 CLOSE_REASON_ATTR = "_otel_sqlalchemy_pool_close_reason"  # set by invalidate, read by close
 
 
@@ -124,7 +131,7 @@ class PoolRecorder:
             if self.max_overflow is None or self.max_overflow < 0 or not self.size:
                 return None  # unlimited
             return self.size + self.max_overflow
-        if isinstance(self.pool_ref(), (StaticPool,)):
+        if isinstance(self.pool_ref(), (StaticPool, AssertionPool)):
             return 1
         return None
 
@@ -149,11 +156,10 @@ class PoolRecorder:
         if isinstance(pool, SingletonThreadPool):
             open_count = sum(1 for r in list(pool._all_conns) if r.dbapi_connection is not None)
             return max(0, open_count - self.used())
-        if isinstance(pool, StaticPool):
-            record = pool.__dict__.get("connection")
-            is_open = record is not None and record.dbapi_connection is not None
-            return max(0, int(is_open) - self.used())
-        return 0
+        # StaticPool / AssertionPool: at most one connection, kept by the pool.
+        record = pool.__dict__.get("connection") or getattr(pool, "_conn", None)
+        is_open = record is not None and record.dbapi_connection is not None
+        return max(0, int(is_open) - self.used())
 
     def oldest_holders(self, limit: int) -> list[tuple[Any, Hold]]:
         items = list(self.holders.items())
@@ -391,9 +397,9 @@ class PoolRegistry:
             connection = original(record)
             elapsed = perf_counter() - start
             try:
-                record.__dict__[CREATE_TIME_ATTR] = (
-                    record.__dict__.get(CREATE_TIME_ATTR, 0.0) + elapsed
-                )
+                # (when it ended, how long it took): the wait timer subtracts it only when the
+                # connect happened inside its own _do_get call, not in a later reconnect.
+                record.__dict__[CREATE_TIME_ATTR] = (start + elapsed, elapsed)
                 create_time.record(elapsed, attrs)
             except Exception:
                 _log_hook_error("connect")
@@ -569,9 +575,9 @@ def _pool_records(pool: Pool) -> Iterator[Any]:
     all_conns = getattr(pool, "_all_conns", None)
     if all_conns is not None:
         yield from list(all_conns)
-    static = pool.__dict__.get("connection")
-    if static is not None:
-        yield static
+    single = pool.__dict__.get("connection") or getattr(pool, "_conn", None)
+    if single is not None:
+        yield single
 
 
 def _pool_classes() -> list[type]:

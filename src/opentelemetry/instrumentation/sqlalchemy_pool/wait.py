@@ -70,12 +70,13 @@ class WaitTimer:
             waiters = recorder.waiters
             used_before = len(recorder.holders)
             waiters.append(None)
+            pending_before = len(waiters)  # including this caller
             start = perf_counter()
             try:
                 record = original(pool)
             except exc.TimeoutError as error:
                 waiters.pop()
-                timed_out(recorder, start, perf_counter(), used_before, error)
+                timed_out(recorder, start, perf_counter(), used_before, pending_before, error)
                 raise
             except BaseException:
                 waiters.pop()
@@ -84,7 +85,10 @@ class WaitTimer:
             waiters.pop()
             try:
                 record_dict = record.__dict__
-                waited = end - start - record_dict.pop(CREATE_TIME_ATTR, 0.0)
+                waited = end - start
+                created = record_dict.pop(CREATE_TIME_ATTR, None)
+                if created is not None and created[0] >= start:
+                    waited = max(0.0, waited - created[1])
                 wait_time.record(waited, recorder.attrs)
                 hold = Hold(
                     recorder,
@@ -97,7 +101,7 @@ class WaitTimer:
                 record_dict[RECORD_RECORDER_ATTR] = recorder
                 recorder.holders[record] = hold
                 if waited >= threshold:
-                    slow_wait(recorder, start, end, waited, used_before)
+                    slow_wait(recorder, start, end, used_before, pending_before)
             except Exception:
                 _log_hook_error("checkout")
             return record
@@ -107,12 +111,14 @@ class WaitTimer:
         return _do_get
 
     # -- spans (rare paths) -------------------------------------------------------------------
-    def _span_attributes(self, recorder: PoolRecorder, used_before: int) -> dict[str, Any]:
+    def _span_attributes(
+        self, recorder: PoolRecorder, used_before: int, pending_before: int
+    ) -> dict[str, Any]:
         attributes: dict[str, Any] = {
             **recorder.attrs,
             semconv.POOL_CLASS: recorder.pool_class,
             semconv.POOL_CHECKED_OUT: used_before,
-            semconv.POOL_PENDING: max(0, recorder.pending()),
+            semconv.POOL_PENDING: pending_before,
         }
         if recorder.size is not None:
             attributes[semconv.POOL_SIZE] = recorder.size
@@ -122,11 +128,13 @@ class WaitTimer:
             attributes[semconv.POOL_TIMEOUT] = recorder.timeout
         return attributes
 
-    def _start_span(self, recorder: PoolRecorder, start: float, end: float, used_before: int):
+    def _start_span(
+        self, recorder: PoolRecorder, start: float, end: float, used_before: int, pending: int
+    ):
         now_ns = time.time_ns()
         start_ns = now_ns - int((perf_counter() - start) * 1e9)
         links, summary = self.forensics.snapshot_links(recorder)
-        attributes = self._span_attributes(recorder, used_before)
+        attributes = self._span_attributes(recorder, used_before, pending)
         attributes.update(summary)
         span = self.tracer.start_span(
             semconv.WAIT_SPAN_NAME,
@@ -138,9 +146,9 @@ class WaitTimer:
         return span, start_ns + int((end - start) * 1e9)
 
     def _slow_wait(
-        self, recorder: PoolRecorder, start: float, end: float, waited: float, used_before: int
+        self, recorder: PoolRecorder, start: float, end: float, used_before: int, pending: int
     ) -> None:
-        span, end_ns = self._start_span(recorder, start, end, used_before)
+        span, end_ns = self._start_span(recorder, start, end, used_before, pending)
         span.end(end_time=end_ns)
 
     def _timed_out(
@@ -149,12 +157,13 @@ class WaitTimer:
         start: float,
         end: float,
         used_before: int,
+        pending: int,
         error: BaseException,
     ) -> None:
         try:
             self.telemetry.timeouts.add(1, recorder.attrs)
             self.telemetry.wait_time.record(end - start, recorder.attrs)
-            span, end_ns = self._start_span(recorder, start, end, used_before)
+            span, end_ns = self._start_span(recorder, start, end, used_before, pending)
             span.set_attribute(semconv.ERROR_TYPE, _TIMEOUT_ERROR_TYPE)
             span.record_exception(error, escaped=True)
             span.set_status(Status(StatusCode.ERROR, str(error)))
