@@ -694,7 +694,7 @@ def format_pool(w: PoolWindow, indent: str = "  ") -> list[str]:
         kinds = ", ".join(f"{kind} +{_num(n)}" for kind, n in w.leaks.items())
         lines.append(f"{indent}leaks        {kinds}")
     if w.pg_states_max or w.pg_oldest_xact_s is not None:
-        states = ", ".join(f"{s} {_num(n)}" for s, n in w.pg_states_max.items()) or "-"
+        states = ", ".join(f"{s} {_num(n)}" for s, n in w.pg_states_max.items() if n) or "-"
         oldest = "-" if w.pg_oldest_xact_s is None else f"{w.pg_oldest_xact_s:.1f} s"
         lines.append(f"{indent}postgres     max backends: {states}; oldest transaction {oldest}")
     return lines

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import sys
 from collections.abc import Sequence
 
@@ -46,6 +47,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # Stable HTTP semantic conventions: http.server.request.duration by http.route (the
+    # doctor reads it, and it has far fewer series than the old per-URL http.target).
+    os.environ.setdefault("OTEL_SEMCONV_STABILITY_OPT_IN", "http")
     import uvicorn
 
     from sqlalchemy_pool_tools.demo.app import create_app, create_schema

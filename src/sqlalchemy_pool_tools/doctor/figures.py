@@ -642,14 +642,13 @@ def parse_exposition(text: str, endpoint: str | None = None) -> Snapshot:
     return out
 
 
-def _series(snapshots: Sequence[Snapshot], spec: _Spec) -> dict[_SeriesKey, list[float | None]]:
+def _series(
+    snapshots: Sequence[Snapshot], by_name: dict[str, set[_SeriesKey]], spec: _Spec
+) -> dict[_SeriesKey, list[float | None]]:
     """Per series matching ``spec``: its value in each snapshot (None where absent)."""
-    keys = {
-        key
-        for snap in snapshots
-        for key in snap
-        if key[0] == spec.metric and all((n, v) in key[1] for n, v in spec.match)
-    }
+    keys = [
+        key for key in by_name.get(spec.metric, ()) if all((n, v) in key[1] for n, v in spec.match)
+    ]
     return {key: [snap.get(key) for snap in snapshots] for key in keys}
 
 
@@ -670,10 +669,14 @@ def evaluate_snapshots(
 ) -> tuple[dict[str, Rows], Rows]:
     """Evaluate SPECS (and the saturation share) on a series of scrapes, like the PromQL."""
     tail_start = max((i for i, t in enumerate(times) if t <= times[-1] - tail_s + 1e-9), default=0)
+    by_name: dict[str, set[_SeriesKey]] = defaultdict(set)  # index once: big expositions
+    for snap in snapshots:
+        for key in snap:
+            by_name[key[0]].add(key)
     vectors: dict[str, Rows] = {}
     for spec in SPECS:
         rows: Rows = []
-        for (_, label_items), values in _series(snapshots, spec).items():
+        for (_, label_items), values in _series(snapshots, by_name, spec).items():
             present = [v for v in values if v is not None]
             if not present:
                 continue
