@@ -405,7 +405,7 @@ def _idle_in_tx(fig: Figures, sig: _Signals) -> Finding | None:
         severity=CRITICAL if critical else WARNING,
         title=f"Transactions left open between statements: {'; '.join(reasons)}",
         evidence=_lines(
-            *((f"backends: {state}", fmt.count(n)) for state, n in sorted(backends.items())),
+            *((f"backends: {state}", fmt.count(n)) for state, n in sorted(backends.items()) if n),
             ("oldest transaction age", fmt.seconds(age)),
             ("returned with open transaction", fmt.count(at_checkin)) if at_checkin else None,
             ("held idle (no statement)", fmt.share(fig.held_idle_share)),
