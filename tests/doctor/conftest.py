@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from doctor_fakes import FakePoolApp
+
+from .doctor_fakes import FakePoolApp
 
 
 @pytest.fixture

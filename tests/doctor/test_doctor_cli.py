@@ -11,12 +11,13 @@ import sys
 from dataclasses import replace
 
 import pytest
-from doctor_fakes import HEALTHY_FIGURES, POOL, SATURATED, FakePoolApp, fig
 
 from sqlalchemy_pool_tools.doctor import cli as doctor_cli
 from sqlalchemy_pool_tools.doctor.report import exit_code, render_json, render_text, to_dict
 from sqlalchemy_pool_tools.doctor.verdict import diagnose
 from sqlalchemy_pool_tools.errors import UserError
+
+from .doctor_fakes import HEALTHY_FIGURES, POOL, SATURATED, FakePoolApp, fig
 
 
 def parse(*argv: str) -> argparse.Namespace:

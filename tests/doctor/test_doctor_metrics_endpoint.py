@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-from doctor_fakes import POOL, FakePoolApp, baseline, incident
 
 from sqlalchemy_pool_tools.doctor import diagnose, from_metrics_endpoint
 from sqlalchemy_pool_tools.doctor.figures import (
@@ -19,6 +18,8 @@ from sqlalchemy_pool_tools.doctor.verdict import (
     LEAKED_SESSIONS,
 )
 from sqlalchemy_pool_tools.errors import UserError
+
+from .doctor_fakes import POOL, FakePoolApp, baseline, incident
 
 SCRAPES = 6  # duration 1.0 s / interval 0.2 s + the first scrape
 

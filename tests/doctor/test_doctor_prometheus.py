@@ -13,11 +13,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from doctor_fakes import POOL, FakePoolApp, baseline, incident
 
 from sqlalchemy_pool_tools.doctor import diagnose, from_prometheus
 from sqlalchemy_pool_tools.doctor.verdict import LEAKED_SESSIONS
 from sqlalchemy_pool_tools.errors import UserError
+
+from .doctor_fakes import POOL, FakePoolApp, baseline, incident
 
 pytestmark = pytest.mark.e2e
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-from doctor_fakes import PG_OK, SATURATED, fig
 
 from sqlalchemy_pool_tools.doctor.figures import Figures
 from sqlalchemy_pool_tools.doctor.verdict import (
@@ -25,6 +24,8 @@ from sqlalchemy_pool_tools.doctor.verdict import (
     diagnose,
     review_config,
 )
+
+from .doctor_fakes import PG_OK, SATURATED, fig
 
 CASES = [
     # (id, figures, verdict, kinds that must be present, kinds that must be absent, severity)

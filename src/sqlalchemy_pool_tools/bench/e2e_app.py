@@ -1,0 +1,86 @@
+"""The end-to-end benchmark app: FastAPI + SQLAlchemy asyncpg, run by uvicorn in a subprocess.
+
+Configured by environment variables (set by :mod:`.e2e`):
+
+- ``SQLA_POOL_BENCH_DB_URL``: a ``postgresql+asyncpg://`` URL;
+- ``SQLA_POOL_BENCH_MODE``: ``bare`` (FastAPI instrumentor only) or ``ours`` (FastAPI
+  instrumentor + our instrumentor with its defaults);
+- ``SQLA_POOL_BENCH_POOL_SIZE`` (5) and ``SQLA_POOL_BENCH_EXPORT_INTERVAL_MS`` (1000).
+
+Both modes use the same SDK providers: a periodic metric reader into an in-memory exporter
+and a batch span processor into a counting exporter. ``GET /q`` runs ``SELECT 1`` in a
+request-scoped ``AsyncSession``; ``GET /bench/stats`` reports how many ``/q`` requests were
+served and how many checkouts the wait_time histogram recorded (they must be equal).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+
+from .harness import WAIT_TIME, make_providers
+
+MODE = os.environ.get("SQLA_POOL_BENCH_MODE", "bare")
+if MODE not in ("bare", "ours"):
+    raise SystemExit(f"SQLA_POOL_BENCH_MODE must be bare or ours, not {MODE!r}")
+POOL_SIZE = int(os.environ.get("SQLA_POOL_BENCH_POOL_SIZE", "5"))
+INTERVAL_MS = float(os.environ.get("SQLA_POOL_BENCH_EXPORT_INTERVAL_MS", "1000"))
+
+providers = make_providers(INTERVAL_MS)
+engine = create_async_engine(
+    os.environ["SQLA_POOL_BENCH_DB_URL"], pool_size=POOL_SIZE, max_overflow=0, pool_timeout=60
+)
+SessionLocal = async_sessionmaker(engine, expire_on_commit=False)
+SELECT_1 = text("SELECT 1")
+served = {"q": 0}
+
+if MODE == "ours":
+    from opentelemetry.instrumentation.sqlalchemy_pool import SQLAlchemyPoolInstrumentor
+
+    SQLAlchemyPoolInstrumentor().instrument(
+        engine=engine,
+        meter_provider=providers.meter_provider,
+        tracer_provider=providers.tracer_provider,
+    )
+
+
+async def get_session() -> AsyncIterator[AsyncSession]:
+    async with SessionLocal() as session:
+        yield session
+
+
+app = FastAPI()
+
+
+@app.get("/q")
+async def query(session: Annotated[AsyncSession, Depends(get_session)]) -> dict[str, Any]:
+    value = (await session.execute(SELECT_1)).scalar_one()
+    served["q"] += 1
+    return {"value": value}
+
+
+@app.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok", "mode": MODE}
+
+
+@app.get("/bench/stats")
+async def stats() -> dict[str, Any]:
+    providers.flush_metrics()
+    return {
+        "mode": MODE,
+        "requests": served["q"],
+        "recorded_checkouts": providers.metrics.histogram_count(WAIT_TIME),
+        "exports": providers.metrics.exports,
+    }
+
+
+FastAPIInstrumentor.instrument_app(
+    app, tracer_provider=providers.tracer_provider, meter_provider=providers.meter_provider
+)

@@ -1,0 +1,1 @@
+"""Tests of the pool doctor (figures readers, verdict, report, CLI)."""
