@@ -151,6 +151,7 @@ def test_idle_in_transaction_held_idle_time(otel, app_server):
     assert span.attributes["code.function.name"] == "idle_in_transaction"
     (held_idle,) = otel.points("sqlalchemy.pool.connection.held_idle_time")
     (use,) = otel.points("db.client.connection.use_time")
+    assert use.attributes["http.route"] == "/idle-in-transaction"  # hold time by route
     assert held_idle.sum >= 0.5
     assert held_idle.sum / use.sum > 0.8
 

@@ -101,6 +101,7 @@ class EventLog:
 
 
 _FRAME = re.compile(r'^  File "(?P<file>[^"]*)", line \d+, in .*\n(?: {4,}.*\n)*', re.MULTILINE)
+_ASYNCPG_TERMINATED = ": terminating connection due to administrator command"
 _OUR_FILES = "opentelemetry/instrumentation/sqlalchemy_pool/"
 _SQLALCHEMY_FILES = "/sqlalchemy/"
 
@@ -134,6 +135,10 @@ def describe(error: BaseException) -> tuple[Any, ...]:
     details: tuple[Any, ...] = ()
     if isinstance(error, sa.exc.DBAPIError):
         details = (error.connection_invalidated, type(error.orig).__qualname__)
+        # asyncpg reports a terminated backend with or without the server's FATAL text,
+        # depending on whether it read the message before the socket closed (a race
+        # between server and driver, seen without the instrumentor too).
+        message = message.replace(_ASYNCPG_TERMINATED, "")
     return (f"{type(error).__module__}.{type(error).__qualname__}", message, details)
 
 
@@ -576,7 +581,8 @@ def _our_listeners(dispatch: Any, names: tuple[str, ...]) -> list[str]:
     return found
 
 
-ENGINE_EVENTS = ("before_cursor_execute", "after_cursor_execute", "handle_error", "do_connect")
+ENGINE_EVENTS = ("before_cursor_execute", "after_cursor_execute")
+DIALECT_EVENTS = ("handle_error", "do_connect")
 SESSION_EVENTS = ("after_begin", "after_commit", "after_rollback")
 
 
@@ -609,6 +615,7 @@ def test_uninstrument_leaves_nothing_behind(otel, hook_errors, make_sync_engine)
         assert cls.__dict__["_do_get"] is original, cls
     assert _our_listeners(engine.pool.dispatch, POOL_EVENTS) == []
     assert _our_listeners(engine.dispatch, ENGINE_EVENTS) == []
+    assert _our_listeners(engine.dialect.dispatch, DIALECT_EVENTS) == []
     assert _our_listeners(Session().dispatch, SESSION_EVENTS) == []
     assert engine.pool.__dict__.get("_invoke_creator") is creator_before
     assert not [k for k in engine.pool.__dict__ if k.startswith("_otel")]

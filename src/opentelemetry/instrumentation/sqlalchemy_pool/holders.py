@@ -85,6 +85,37 @@ def holders(pool_or_engine: Any, limit: int | None = None) -> list[dict[str, Any
     return snapshot(recorder, limit)
 
 
+def all_holders(limit: int | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Holders of every instrumented pool, by pool name."""
+    from . import SQLAlchemyPoolInstrumentor
+
+    state = getattr(SQLAlchemyPoolInstrumentor(), "_state", None)
+    if not state:
+        return {}
+    registry = state[0]
+    return {recorder.name: snapshot(recorder, limit) for recorder in registry.recorders()}
+
+
+def make_asgi_app(limit: int | None = 20) -> Any:
+    """A tiny ASGI app serving ``all_holders()`` as JSON, to mount on a *private* route.
+
+    Off unless you mount it (e.g. ``app.mount("/_debug/pool-holders", make_asgi_app())``).
+    It exposes code sites, routes and trace ids -- never SQL, parameters or credentials --
+    but keep it behind your admin/internal network all the same.
+    """
+    import json
+
+    async def holders_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope.get("type") != "http":
+            return
+        body = json.dumps({"pools": all_holders(limit)}, indent=2).encode()
+        headers = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return holders_app
+
+
 class HolderForensics:
     def __init__(self, config: Config):
         self.config = config

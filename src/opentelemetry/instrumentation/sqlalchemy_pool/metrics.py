@@ -188,9 +188,15 @@ class Telemetry:
         """A checkout ended (checkin, invalidation, detach or garbage collection)."""
         recorder = hold.recorder
         recorder.holders.pop(record, None)
-        self.use_time.record(now - hold.t_out, recorder.attrs)
+        attrs = recorder.attrs
+        request = hold.request
+        if request is not None:
+            route = request.route()
+            if route:
+                attrs = recorder.route_attrs(route)
+        self.use_time.record(now - hold.t_out, attrs)
         if self.track_statements:
-            self.held_idle_time.record(hold.idle_s(now), recorder.attrs)
+            self.held_idle_time.record(hold.idle_s(now), attrs)
         for hook in self.release_hooks:
             hook(record, hold, now, detached)
 

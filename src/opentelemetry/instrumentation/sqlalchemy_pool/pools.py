@@ -46,6 +46,10 @@ CREATE_TIME_ATTR = "_otel_sqlalchemy_pool_create"  # (end, seconds) of the last 
 CLOSE_REASON_ATTR = "_otel_sqlalchemy_pool_close_reason"  # set by invalidate, read by close
 
 
+# http.route values kept per pool on histograms before the rest are folded into "other".
+MAX_ROUTES_PER_POOL = 50
+
+
 class Hold:
     """One checked-out connection: what the forensics and leak reports need, nothing more."""
 
@@ -102,6 +106,7 @@ class PoolRecorder:
         self.open_nonqueue = 0  # NullPool: open connections (connect - close)
         self._lock = threading.Lock()
         self.last_holders_log = float("-inf")
+        self._route_attrs: dict[str, dict[str, Any]] = {}
         # True/False once an AsyncSession used this pool (expire_on_commit review), else None.
         self.async_expire_on_commit: bool | None = None
         self.set_pool(pool)
@@ -118,6 +123,17 @@ class PoolRecorder:
         self.recycle: float = float(getattr(pool, "_recycle", -1))
         self.pre_ping = bool(getattr(pool, "_pre_ping", False))
         self.creator_key = _creator_key(pool)
+
+    def route_attrs(self, route: str) -> dict[str, Any]:
+        """Attributes for histograms of a connection taken by a request of ``route``."""
+        attrs = self._route_attrs.get(route)
+        if attrs is None:
+            if len(self._route_attrs) >= MAX_ROUTES_PER_POOL:
+                route = "other"  # cardinality budget: route templates only, and few of them
+                attrs = self._route_attrs.get(route)
+            if attrs is None:
+                attrs = self._route_attrs[route] = {**self.attrs, semconv.HTTP_ROUTE: route}
+        return attrs
 
     # -- figures read at collection time ------------------------------------------------------
     def used(self) -> int:

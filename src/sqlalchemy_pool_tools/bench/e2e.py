@@ -1,0 +1,287 @@
+"""End to end: the FastAPI + asyncpg app on uvicorn, driven at pool saturation, bare vs ours.
+
+Runs alternate in an ABBA order (bare, ours, ours, bare, ...) so a drifting machine load
+does not favour one mode; each run is a fresh uvicorn process: a warm-up load, then the
+measured load, then the app's own request and checkout counts. The load comes from ``wrk``
+(a C load generator that leaves the CPU to the app) or, without it, a small httpx client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+from sqlalchemy.engine import URL
+
+from .harness import median
+
+Progress = Callable[[str], None]
+MODES = ("bare", "ours")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class AppServer:
+    """``uvicorn sqlalchemy_pool_tools.bench.e2e_app:app`` on 127.0.0.1 in a subprocess."""
+
+    def __init__(self, mode: str, url: URL, pool_size: int, interval_ms: float):
+        self.mode = mode
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ)
+        env.update(
+            SQLA_POOL_BENCH_MODE=mode,
+            SQLA_POOL_BENCH_DB_URL=url.render_as_string(hide_password=False),
+            SQLA_POOL_BENCH_POOL_SIZE=str(pool_size),
+            SQLA_POOL_BENCH_EXPORT_INTERVAL_MS=str(interval_ms),
+        )
+        command = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "sqlalchemy_pool_tools.bench.e2e_app:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ]
+        self.process = subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the e2e app exited early: {self._stderr_tail()}")
+            try:
+                response = httpx.get(f"{self.base}/healthz", timeout=1.0)
+                if response.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"the e2e app did not start within {timeout_s:.0f}s")
+
+    def stats(self) -> dict[str, Any]:
+        return httpx.get(f"{self.base}/bench/stats", timeout=30.0).json()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        if self.process.stderr is not None:
+            self.process.stderr.close()
+
+    def _stderr_tail(self) -> str:
+        try:
+            _, err = self.process.communicate(timeout=5)
+        except Exception:
+            return "(no output)"
+        lines = (err or "").strip().splitlines()
+        return lines[-1] if lines else "(no output)"
+
+    def __enter__(self) -> AppServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# Load generators
+# --------------------------------------------------------------------------------------------
+_WRK_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
+def parse_wrk(output: str) -> dict[str, Any]:
+    """Requests/s, p50/p99 latency (ms), request and error counts from ``wrk --latency``."""
+
+    def latency(pct: str) -> float | None:
+        match = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s|m)\s*$", output, re.M)
+        return float(match.group(1)) * _WRK_UNITS[match.group(2)] if match else None
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    total = re.search(r"(\d+) requests in", output)
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    socket_errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+    )
+    errors = int(non2xx.group(1)) if non2xx else 0
+    if socket_errors:
+        errors += sum(int(g) for g in socket_errors.groups())
+    if rps is None or total is None:
+        raise RuntimeError(f"could not parse wrk output: {output.strip()[-200:]!r}")
+    return {
+        "rps": float(rps.group(1)),
+        "p50_ms": latency("50"),
+        "p99_ms": latency("99"),
+        "requests": int(total.group(1)),
+        "errors": errors,
+    }
+
+
+def wrk_load(url: str, connections: int, duration_s: float) -> dict[str, Any]:
+    command = [
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{max(1, round(duration_s))}s",
+        "--latency",
+        "--timeout",
+        "30s",
+        url,
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=duration_s + 60, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk failed: {done.stderr.strip() or done.stdout.strip()}")
+    return parse_wrk(done.stdout)
+
+
+def httpx_load(url: str, connections: int, duration_s: float) -> dict[str, Any]:
+    """Closed-loop load: ``connections`` clients, each sending its next request on reply."""
+
+    async def main() -> dict[str, Any]:
+        latencies: list[float] = []
+        errors = 0
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        async with httpx.AsyncClient(limits=limits, timeout=30.0) as client:
+            start = time.perf_counter()
+            deadline = start + duration_s
+
+            async def client_loop() -> None:
+                nonlocal errors
+                while time.perf_counter() < deadline:
+                    t0 = time.perf_counter()
+                    try:
+                        response = await client.get(url)
+                        if response.status_code != 200:
+                            errors += 1
+                    except httpx.HTTPError:
+                        errors += 1
+                    latencies.append(time.perf_counter() - t0)
+
+            await asyncio.gather(*(client_loop() for _ in range(connections)))
+            elapsed = time.perf_counter() - start
+        latencies.sort()
+
+        def pct(p: float) -> float | None:
+            if not latencies:
+                return None
+            return latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))] * 1000
+
+        return {
+            "rps": len(latencies) / elapsed,
+            "p50_ms": pct(50),
+            "p99_ms": pct(99),
+            "requests": len(latencies),
+            "errors": errors,
+        }
+
+    return asyncio.run(main())
+
+
+def pick_generator(name: str) -> tuple[str, Callable[[str, int, float], dict[str, Any]]]:
+    if name == "auto":
+        name = "wrk" if shutil.which("wrk") else "httpx"
+    if name == "wrk":
+        if not shutil.which("wrk"):
+            raise RuntimeError("wrk is not installed (use --load-generator httpx)")
+        return "wrk", wrk_load
+    return "httpx", httpx_load
+
+
+# --------------------------------------------------------------------------------------------
+# The scenario
+# --------------------------------------------------------------------------------------------
+def one_run(
+    mode: str, url: URL, settings: Any, load: Callable[[str, int, float], dict[str, Any]]
+) -> dict[str, Any]:
+    with AppServer(mode, url, settings.pool_size, settings.export_interval_ms) as server:
+        server.wait_ready()
+        target = f"{server.base}/q"
+        load(target, settings.e2e_connections, settings.e2e_warmup_s)
+        result = load(target, settings.e2e_connections, settings.e2e_duration_s)
+        stats = server.stats()
+    result["mode"] = mode
+    result["served"] = stats["requests"]
+    result["recorded_checkouts"] = stats["recorded_checkouts"]
+    result["verified"] = (
+        None if mode == "bare" else stats["recorded_checkouts"] == stats["requests"]
+    )
+    return result
+
+
+def run_e2e_scenario(url_async: URL, settings: Any, progress: Progress) -> dict[str, Any]:
+    generator, load = pick_generator(settings.load_generator)
+    order: list[str] = []
+    for pair in range(settings.e2e_pairs):
+        order.extend(MODES if pair % 2 == 0 else tuple(reversed(MODES)))
+    runs: list[dict[str, Any]] = []
+    for i, mode in enumerate(order):
+        result = one_run(mode, url_async, settings, load)
+        runs.append(result)
+        progress(
+            f"[e2e] run {i + 1}/{len(order)} {mode:<4} {result['rps']:8.1f} req/s "
+            f"p99 {result['p99_ms']} ms errors {result['errors']}"
+        )
+    by_mode = {mode: [r for r in runs if r["mode"] == mode] for mode in MODES}
+    rows = []
+    for mode in MODES:
+        mine = by_mode[mode]
+        flags = [r["verified"] for r in mine if r["verified"] is not None]
+        rows.append(
+            {
+                "variant": mode,
+                "label": "FastAPI instrumentor only"
+                if mode == "bare"
+                else "FastAPI instrumentor + ours (defaults)",
+                "rps": median(r["rps"] for r in mine),
+                "p50_ms": median(r["p50_ms"] for r in mine if r["p50_ms"] is not None),
+                "p99_ms": median(r["p99_ms"] for r in mine if r["p99_ms"] is not None),
+                "errors": sum(r["errors"] for r in mine),
+                "requests": sum(r["served"] for r in mine),
+                "checkouts_recorded": None
+                if mode == "bare"
+                else sum(r["recorded_checkouts"] or 0 for r in mine),
+                "verified": all(flags) if flags else None,
+            }
+        )
+    bare, ours = rows
+    ours["rps_ratio"] = ours["rps"] / bare["rps"] if bare["rps"] else float("nan")
+    ours["p99_ratio"] = ours["p99_ms"] / bare["p99_ms"] if bare["p99_ms"] else float("nan")
+    bare["rps_ratio"] = bare["p99_ratio"] = 1.0
+    return {
+        "key": "e2e",
+        "kind": "e2e",
+        "title": f"end to end: FastAPI + asyncpg on uvicorn, pool_size={settings.pool_size} "
+        f"max_overflow=0, {settings.e2e_connections} concurrent connections, "
+        f"{settings.e2e_duration_s:g} s per run, {generator}",
+        "generator": generator,
+        "rows": rows,
+        "runs": runs,
+    }

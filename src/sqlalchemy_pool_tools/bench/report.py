@@ -1,0 +1,302 @@
+"""Targets (goals shown next to results, never asserted) and the markdown report."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+# The goals of project issue 6. Evaluated on wall-clock medians; CPU figures are shown too.
+OWN_COST_US = 1.5  # our cost beyond the two unavoidable Histogram.record calls, per cycle
+SYNC_EMPTY_RATIO = 2.3  # empty sync cycle, collection included
+SELECT_RATIO = 1.08  # one SELECT 1 per checkout
+OFFICIAL_SHARE = 0.25  # our added cost vs the official instrumentor's added cost
+E2E_RPS_RATIO = 0.97
+E2E_P99_RATIO = 1.03
+MEMORY_GROWTH_MB = 5.0
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _target(name: str, goal: str, value: Any, met: bool | None, shown: str) -> dict[str, Any]:
+    return {"name": name, "goal": goal, "value": value, "met": met, "shown": shown}
+
+
+def _check(value: Any, limit: float, upper: bool = True) -> bool | None:
+    if not _finite(value):
+        return None
+    return value <= limit if upper else value >= limit
+
+
+def evaluate_targets(scenario: dict[str, Any]) -> None:
+    """Attach ``targets`` to every row of ``scenario`` (ours rows only get goals)."""
+    key = scenario["key"]
+    for row in scenario["rows"]:
+        targets: list[dict[str, Any]] = []
+        if scenario["kind"] == "cycles" and row["kind"] == "ours" and key != "wait":
+            ratio = row["ratio"]["wall"]
+            if key == "sync":
+                targets.append(
+                    _target(
+                        "ratio",
+                        f"≤ {SYNC_EMPTY_RATIO}× bare",
+                        ratio,
+                        _check(ratio, SYNC_EMPTY_RATIO),
+                        f"{ratio:.2f}×",
+                    )
+                )
+            if key in ("sync-select", "async-select"):
+                targets.append(
+                    _target(
+                        "ratio",
+                        f"≤ {SELECT_RATIO}× bare",
+                        ratio,
+                        _check(ratio, SELECT_RATIO),
+                        f"{ratio:.3f}×",
+                    )
+                )
+            own = (row.get("beyond_floor_us") or {}).get("wall")
+            if key in ("sync", "async") and own is not None:
+                targets.append(
+                    _target(
+                        "own",
+                        f"≤ {OWN_COST_US} µs beyond 2 records",
+                        own,
+                        _check(own, OWN_COST_US),
+                        f"{own:.1f} µs",
+                    )
+                )
+            share = (row.get("vs_official_added") or {}).get("wall")
+            if share is not None:
+                targets.append(
+                    _target(
+                        "vs_official",
+                        f"added ≤ {OFFICIAL_SHARE:g} × official's",
+                        share,
+                        _check(share, OFFICIAL_SHARE),
+                        f"{share:.2f}×",
+                    )
+                )
+        elif scenario["kind"] == "e2e" and row["variant"] == "ours":
+            rps, p99 = row["rps_ratio"], row["p99_ratio"]
+            targets.append(
+                _target(
+                    "rps",
+                    f"≥ {E2E_RPS_RATIO}× req/s",
+                    rps,
+                    _check(rps, E2E_RPS_RATIO, upper=False),
+                    f"{rps:.3f}×",
+                )
+            )
+            targets.append(
+                _target(
+                    "p99", f"p99 ≤ {E2E_P99_RATIO}×", p99, _check(p99, E2E_P99_RATIO), f"{p99:.3f}×"
+                )
+            )
+        elif scenario["kind"] == "memory" and row["variant"] != "bare":
+            for phase in ("checkouts", "sessions"):
+                growth = row[phase]["rss_growth_mb"]
+                targets.append(
+                    _target(
+                        f"{phase}_rss",
+                        f"{phase}: < {MEMORY_GROWTH_MB:g} MB",
+                        growth,
+                        _check(growth, MEMORY_GROWTH_MB),
+                        f"{growth:+.2f} MB",
+                    )
+                )
+        row["targets"] = targets
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------------------------
+def _num(value: Any, fmt: str = "{:.2f}") -> str:
+    return fmt.format(value) if _finite(value) else "—"
+
+
+def _pair(values: dict[str, float] | None, fmt: str = "{:+.2f}") -> str:
+    if not values:
+        return "—"
+    return f"{_num(values.get('wall'), fmt)} / {_num(values.get('cpu'), fmt)}"
+
+
+def _targets_cell(row: dict[str, Any]) -> str:
+    parts = []
+    for target in row.get("targets", ()):
+        mark = {True: "✅", False: "❌", None: "?"}[target["met"]]
+        parts.append(f"{mark} {target['shown']} (goal {target['goal']})")
+    return "; ".join(parts) if parts else ""
+
+
+def _verified_cell(row: dict[str, Any]) -> str:
+    if row.get("verified") is None:
+        return "n/a"
+    recorded, expected = row.get("checkouts_recorded"), row.get("checkouts_expected")
+    mark = "✅" if row["verified"] else "❌"
+    if recorded is None:
+        return mark
+    if expected is None or recorded == expected:
+        return f"{mark} {recorded:,}"
+    return f"{mark} {recorded:,} of {expected:,}"
+
+
+def _spans_cell(row: dict[str, Any], ops: int) -> str:
+    spans = row.get("spans") or {}
+    total = sum(spans.values())
+    if not total or not ops:
+        return "0"
+    return f"{total / ops:.2f}"
+
+
+def _cycles_table(scenario: dict[str, Any]) -> list[str]:
+    unit = scenario["unit"]
+    lines = [
+        f"### {scenario['title']}",
+        "",
+        f"{scenario['cycles_per_block']:,} operations per block, {scenario['rounds']} rounds.",
+        "",
+        f"| variant | {unit} | × bare | CPU {unit} | CPU × bare | added µs (wall / CPU) "
+        "| beyond 2 records µs (wall / CPU) | added ÷ official's (wall / CPU) "
+        "| checkouts recorded | spans/op | targets |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
+    ]
+    for row in scenario["rows"]:
+        ops = scenario["cycles_per_block"] * scenario["rounds"]
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    f"`{row['variant']}` {row['label']}",
+                    _num(row["wall_us"]),
+                    _num(row["ratio"]["wall"], "{:.3f}"),
+                    _num(row["cpu_us"]),
+                    _num(row["ratio"]["cpu"], "{:.3f}"),
+                    "—" if row["kind"] == "bare" else _pair(row["added_us"]),
+                    _pair(row.get("beyond_floor_us")),
+                    _pair(row.get("vs_official_added"), "{:.2f}"),
+                    _verified_cell(row),
+                    _spans_cell(row, ops),
+                    _targets_cell(row),
+                ]
+            )
+            + " |"
+        )
+    return [*lines, ""]
+
+
+def _e2e_table(scenario: dict[str, Any]) -> list[str]:
+    lines = [
+        f"### {scenario['title']}",
+        "",
+        "| variant | req/s | × bare | p50 ms | p99 ms | p99 × bare | errors "
+        "| checkouts recorded / requests | targets |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for row in scenario["rows"]:
+        if row["verified"] is None:
+            verified = "n/a"
+        else:
+            mark = "✅" if row["verified"] else "❌"
+            verified = f"{mark} {row['checkouts_recorded']:,} / {row['requests']:,}"
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    f"`{row['variant']}` {row['label']}",
+                    _num(row["rps"], "{:.1f}"),
+                    _num(row["rps_ratio"], "{:.3f}"),
+                    _num(row["p50_ms"]),
+                    _num(row["p99_ms"]),
+                    _num(row["p99_ratio"], "{:.3f}"),
+                    str(row["errors"]),
+                    verified,
+                    _targets_cell(row),
+                ]
+            )
+            + " |"
+        )
+    return [*lines, ""]
+
+
+def _memory_table(scenario: dict[str, Any]) -> list[str]:
+    lines = [
+        f"### {scenario['title']}",
+        "",
+        "| variant | phase | ops | RSS before MB | RSS growth MB | GC objects growth "
+        "| tracemalloc net (window) | top growing types | verified | targets |",
+        "|---|---|---:|---:|---:|---:|---|---|---|---|",
+    ]
+    for row in scenario["rows"]:
+        for phase in ("checkouts", "sessions"):
+            data = row[phase]
+            tm = data["tracemalloc"]
+            types = ", ".join(f"{k} {v:+,}" for k, v in data["top_type_growth"].items()) or "—"
+            targets = [t for t in row.get("targets", ()) if t["name"].startswith(phase)]
+            if row["verified"] is None:
+                verified = "n/a"
+            else:
+                verified = "✅" if row["verified"] else "❌"
+                if phase == "sessions":
+                    verified += (
+                        f" {row['recorded_checkouts']:,} checkouts, "
+                        f"{row['gc_leaks_recorded']:,}/{row['leaked_sessions']:,} GC leaks"
+                    )
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        f"`{row['variant']}`",
+                        phase,
+                        f"{data['n']:,}",
+                        _num(data["rss_before_mb"], "{:.1f}"),
+                        _num(data["rss_growth_mb"], "{:+.2f}"),
+                        f"{data['gc_objects_growth']:+,}",
+                        f"{tm['net_kb']:+.1f} KiB over {tm['window']:,}",
+                        types,
+                        verified,
+                        _targets_cell({"targets": targets}),
+                    ]
+                )
+                + " |"
+            )
+    return [*lines, ""]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    machine = results["machine"]
+    versions = machine["versions"]
+    settings = results["settings"]
+    v = versions.get
+    lines = [
+        f"## sqlalchemy-pool benchmarks — {results['date']}",
+        "",
+        f"- Machine: {machine['cpu']}, {machine['cores']} cores, {machine['os']}; "
+        f"load average at start {machine.get('loadavg_start')}, "
+        f"at end {machine.get('loadavg_end')}",
+        f"- {machine['python']}, SQLAlchemy {v('SQLAlchemy')}, "
+        f"opentelemetry-api/sdk {v('opentelemetry-api')}/{v('opentelemetry-sdk')}, "
+        f"ours {v('opentelemetry-instrumentation-sqlalchemy-pool')}, "
+        f"official opentelemetry-instrumentation-sqlalchemy "
+        f"{v('opentelemetry-instrumentation-sqlalchemy')}, psycopg {v('psycopg')}, "
+        f"asyncpg {v('asyncpg')}, PostgreSQL {machine.get('postgresql')}, "
+        f"FastAPI {v('fastapi')}, uvicorn {v('uvicorn')}, wrk {machine.get('wrk') or '—'}",
+        f"- Profile `{settings['profile']}`: {settings['rounds']} rounds, variants round-robin "
+        "(rotating order) in each round; medians over rounds; ratios and differences are "
+        "medians of same-round pairs. Every block: fresh engine and a fresh SDK MeterProvider "
+        f"with a PeriodicExportingMetricReader collecting every {settings['export_interval_ms']:g}"
+        " ms into an in-memory exporter (collection cost is inside the timed window), SDK "
+        "TracerProvider + BatchSpanProcessor into a counting exporter. Wall = perf_counter; "
+        "CPU = process CPU time (all threads). Targets are evaluated on wall-clock figures.",
+        f"- Total run time {results.get('duration_s', '?')} s.",
+        "",
+    ]
+    for scenario in results["scenarios"]:
+        if scenario["kind"] == "cycles":
+            lines += _cycles_table(scenario)
+        elif scenario["kind"] == "e2e":
+            lines += _e2e_table(scenario)
+        elif scenario["kind"] == "memory":
+            lines += _memory_table(scenario)
+    return "\n".join(lines)

@@ -1,0 +1,305 @@
+"""The benchmark suite: settings profiles, the database, the machine, and running scenarios."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import importlib.metadata
+import os
+import platform
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.engine import URL, make_url
+
+from sqlalchemy_pool_tools.pg import database_url, with_driver
+
+from . import e2e, memory, micro
+from .harness import V_BARE, V_OURS_DEFAULT
+
+Progress = Callable[[str], None]
+
+SCENARIOS: tuple[str, ...] = (
+    "sync",
+    "async",
+    "sync-select",
+    "async-select",
+    "wait",
+    "e2e",
+    "memory",
+)
+ALIASES: dict[str, tuple[str, ...]] = {
+    "select": ("sync-select", "async-select"),
+    "cycles": ("sync", "async", "sync-select", "async-select"),
+    "all": SCENARIOS,
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    profile: str
+    rounds: int
+    cycles: dict[str, int]
+    wait_per_task: int
+    e2e_duration_s: float
+    e2e_warmup_s: float
+    e2e_pairs: int
+    memory_checkouts: int
+    memory_sessions: int
+    memory_window: int
+    memory_session_window: int
+    wait_tasks: int = 200
+    pool_size: int = 5
+    e2e_connections: int = 20
+    memory_leak_every: int = 10
+    export_interval_ms: float = 100.0
+    load_generator: str = "auto"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PROFILES: dict[str, Settings] = {
+    "full": Settings(
+        profile="full",
+        rounds=9,
+        cycles={"sync": 20_000, "async": 10_000, "sync-select": 4_000, "async-select": 3_000},
+        wait_per_task=20,
+        e2e_duration_s=10.0,
+        e2e_warmup_s=2.0,
+        e2e_pairs=3,
+        memory_checkouts=1_000_000,
+        memory_sessions=100_000,
+        memory_window=100_000,
+        memory_session_window=10_000,
+    ),
+    "quick": Settings(
+        profile="quick",
+        rounds=5,
+        cycles={"sync": 5_000, "async": 3_000, "sync-select": 1_000, "async-select": 1_000},
+        wait_per_task=5,
+        e2e_duration_s=4.0,
+        e2e_warmup_s=1.0,
+        e2e_pairs=1,
+        memory_checkouts=100_000,
+        memory_sessions=10_000,
+        memory_window=20_000,
+        memory_session_window=2_000,
+    ),
+    # For the test suite: every row, every verification, numbers meaningless.
+    "tiny": Settings(
+        profile="tiny",
+        rounds=2,
+        cycles={"sync": 300, "async": 200, "sync-select": 100, "async-select": 100},
+        wait_per_task=1,
+        e2e_duration_s=1.0,
+        e2e_warmup_s=0.5,
+        e2e_pairs=1,
+        memory_checkouts=3_000,
+        memory_sessions=600,
+        memory_window=500,
+        memory_session_window=200,
+    ),
+}
+
+
+def parse_only(text: str | None) -> tuple[str, ...]:
+    """``sync,async,...`` (aliases: select, cycles, all) -> scenario keys in suite order."""
+    if not text:
+        return SCENARIOS
+    wanted: set[str] = set()
+    for raw in text.split(","):
+        name = raw.strip().lower()
+        if not name:
+            continue
+        if name in ALIASES:
+            wanted.update(ALIASES[name])
+        elif name in SCENARIOS:
+            wanted.add(name)
+        else:
+            choices = ", ".join((*SCENARIOS, *ALIASES))
+            raise ValueError(f"unknown scenario {name!r} (choose from {choices})")
+    if not wanted:
+        raise ValueError("no scenario selected")
+    return tuple(s for s in SCENARIOS if s in wanted)
+
+
+# --------------------------------------------------------------------------------------------
+# Machine and versions
+# --------------------------------------------------------------------------------------------
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _wrk_version() -> str | None:
+    if not shutil.which("wrk"):
+        return None
+    try:
+        out = subprocess.run(["wrk", "-v"], capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    first = (out.stdout or out.stderr).strip().splitlines()
+    return first[0].split(" [")[0] if first else None
+
+
+def _postgres_version(url: URL) -> str | None:
+    import sqlalchemy as sa
+    from sqlalchemy.pool import NullPool
+
+    engine = sa.create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            return str(conn.exec_driver_sql("SHOW server_version").scalar())
+    except Exception:
+        return None
+    finally:
+        engine.dispose()
+
+
+def machine_info(url_sync: URL | None) -> dict[str, Any]:
+    packages = (
+        "SQLAlchemy",
+        "opentelemetry-api",
+        "opentelemetry-sdk",
+        "opentelemetry-instrumentation-sqlalchemy-pool",
+        "opentelemetry-instrumentation-sqlalchemy",
+        "opentelemetry-instrumentation-fastapi",
+        "psycopg",
+        "asyncpg",
+        "fastapi",
+        "uvicorn",
+    )
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "os": platform.platform(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "versions": {p: _version(p) for p in packages},
+        "postgresql": _postgres_version(url_sync) if url_sync is not None else None,
+        "wrk": _wrk_version(),
+        "loadavg_start": load,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Memory scenario (one subprocess per variant)
+# --------------------------------------------------------------------------------------------
+MEMORY_VARIANTS = (
+    (V_BARE.key, "bare", ()),
+    (V_OURS_DEFAULT.key, "ours", ()),  # the heaviest per-checkout state: holds, sites, sessions
+)
+
+
+def run_memory_scenario(url_sync: URL, settings: Settings, progress: Progress) -> dict[str, Any]:
+    rows = []
+    for key, kind, options in MEMORY_VARIANTS:
+        config = {
+            "variant": key,
+            "kind": kind,
+            "options": [list(o) for o in options],
+            "url": url_sync.render_as_string(hide_password=False),
+            "warmup": max(200, settings.memory_checkouts // 50),
+            "checkouts": settings.memory_checkouts,
+            "sessions": settings.memory_sessions,
+            "window": settings.memory_window,
+            "session_window": settings.memory_session_window,
+            "leak_every": settings.memory_leak_every,
+            "export_interval_ms": settings.export_interval_ms,
+        }
+        result = memory.run_subprocess(config, timeout_s=3600)
+        if kind == "ours":
+            made = result["checkouts_made"]
+            result["verified"] = (
+                result["recorded_checkouts"] == made
+                and result["holders_left"] == 0
+                and result["gc_leaks_recorded"] == result["leaked_sessions"]
+            )
+        else:
+            result["verified"] = None
+        rows.append(result)
+        progress(
+            f"[memory] {key:<14} checkouts RSS {result['checkouts']['rss_growth_mb']:+.2f} MB, "
+            f"sessions RSS {result['sessions']['rss_growth_mb']:+.2f} MB"
+        )
+    return {
+        "key": "memory",
+        "kind": "memory",
+        "title": f"memory: {settings.memory_checkouts:,} sync checkouts, then "
+        f"{settings.memory_sessions:,} sessions (every {settings.memory_leak_every}th never "
+        f"closed, reclaimed by GC)",
+        "rows": rows,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def server_url(explicit: str | None) -> Iterator[URL]:
+    """The driver-less base URL: ``--database-url``, else $DATABASE_URL, else embedded."""
+    if explicit:
+        yield make_url(explicit).set(drivername="postgresql")
+        return
+    with database_url() as url:
+        yield url
+
+
+def run_suite(
+    settings: Settings,
+    scenarios: Sequence[str],
+    database: str | None = None,
+    progress: Progress = lambda line: None,
+) -> dict[str, Any]:
+    started = dt.datetime.now(dt.timezone.utc)
+    with server_url(database) as base:
+        url_sync = with_driver(base, "psycopg")
+        url_async = with_driver(base, "asyncpg")
+        results: dict[str, Any] = {
+            "date": started.isoformat(timespec="seconds"),
+            "machine": machine_info(url_sync),
+            "settings": settings.as_dict(),
+            "scenarios": [],
+        }
+        for name in scenarios:
+            progress(f"== {name}")
+            if name in micro.CYCLE_SCENARIOS:
+                scenario = micro.CYCLE_SCENARIOS[name]
+                result = micro.run_cycle_scenario(scenario, url_sync, url_async, settings, progress)
+            elif name == "wait":
+                result = micro.run_wait_scenario(url_async, settings, progress)
+            elif name == "e2e":
+                result = e2e.run_e2e_scenario(url_async, settings, progress)
+            elif name == "memory":
+                result = run_memory_scenario(url_sync, settings, progress)
+            else:  # pragma: no cover - parse_only rejects unknown names
+                raise ValueError(name)
+            results["scenarios"].append(result)
+    try:
+        results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    results["duration_s"] = round((dt.datetime.now(dt.timezone.utc) - started).total_seconds(), 1)
+    return results
