@@ -603,6 +603,11 @@ def test_uninstrument_leaves_nothing_behind(otel, hook_errors, make_sync_engine)
     with Session(engine) as session:
         session.execute(SELECT_1)
     assert gauges(otel, "uninst").get("used") == 1
+    # The listener scan below does see our listeners while they are installed.
+    assert _our_listeners(engine.pool.dispatch, POOL_EVENTS)
+    assert _our_listeners(engine.dispatch, ENGINE_EVENTS)
+    assert _our_listeners(engine.dialect.dispatch, DIALECT_EVENTS)
+    assert _our_listeners(Session().dispatch, SESSION_EVENTS)
 
     otel.instrumentor.uninstrument()
 

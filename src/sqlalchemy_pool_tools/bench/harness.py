@@ -18,6 +18,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+# Imported before any instrumentor runs: the official instrumentor wraps
+# ``sqlalchemy.ext.asyncio.create_async_engine`` by module name, and when that module is first
+# imported under its wrapper the wrapper survives uninstrument() (a second EngineTracer then
+# attaches to every async engine and the next uninstrument() fails).
+import sqlalchemy.ext.asyncio  # noqa: F401
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     MetricExporter,
@@ -150,8 +155,10 @@ OURS_METRICS_OPTIONS = (
 )
 
 V_BARE = Variant("bare", "bare SQLAlchemy", BARE)
-V_FLOOR = Variant("floor", "bare + 2×Histogram.record (floor)", FLOOR)
-V_OFFICIAL = Variant("official-metric", "official instrumentor, pool metric (no-op tracer)", OFFICIAL)
+V_FLOOR = Variant("floor", "bare + 2 Histogram.record calls (floor)", FLOOR)
+V_OFFICIAL = Variant(
+    "official-metric", "official instrumentor, pool metric (no-op tracer)", OFFICIAL
+)
 V_OFFICIAL_SPANS = Variant(
     "official-spans", "official instrumentor, SDK tracer (+ spans)", OFFICIAL, official_spans=True
 )
@@ -227,9 +234,7 @@ class Active:
             meter = providers.meter_provider.get_meter("sqlalchemy_pool_tools.bench")
             buckets = list(semconv.DURATION_BUCKETS)
             self.floor = tuple(  # type: ignore[assignment]
-                meter.create_histogram(
-                    name, unit="s", explicit_bucket_boundaries_advisory=buckets
-                )
+                meter.create_histogram(name, unit="s", explicit_bucket_boundaries_advisory=buckets)
                 for name in (FLOOR_A, FLOOR_B)
             )
 

@@ -94,7 +94,9 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
     from .harness import WAIT_TIME, Active, Variant, make_providers
 
     warnings.filterwarnings("ignore", category=sa.exc.SAWarning)
-    variant = Variant(config["variant"], config["variant"], config["kind"], tuple(config["options"]))
+    variant = Variant(
+        config["variant"], config["variant"], config["kind"], tuple(config["options"])
+    )
     url = make_url(config["url"])
     engine = sa.create_engine(url, pool_size=5, max_overflow=20)
     providers = make_providers(config["export_interval_ms"])
@@ -141,9 +143,7 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
             "leak_every": leak_every,
             **phase.end(),
         }
-        result["sessions"]["tracemalloc"] = _tracemalloc_window(
-            sessions, config["session_window"]
-        )
+        result["sessions"]["tracemalloc"] = _tracemalloc_window(sessions, config["session_window"])
         gc.collect()
         result["checkouts_made"] = done["checkouts"]
         result["leaked_sessions"] = leaked["sessions"]

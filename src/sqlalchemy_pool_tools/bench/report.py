@@ -40,20 +40,20 @@ def evaluate_targets(scenario: dict[str, Any]) -> None:
                 targets.append(
                     _target(
                         "ratio",
-                        f"≤ {SYNC_EMPTY_RATIO}× bare",
+                        f"≤ {SYNC_EMPTY_RATIO}x bare",
                         ratio,
                         _check(ratio, SYNC_EMPTY_RATIO),
-                        f"{ratio:.2f}×",
+                        f"{ratio:.2f}x",
                     )
                 )
             if key in ("sync-select", "async-select"):
                 targets.append(
                     _target(
                         "ratio",
-                        f"≤ {SELECT_RATIO}× bare",
+                        f"≤ {SELECT_RATIO}x bare",
                         ratio,
                         _check(ratio, SELECT_RATIO),
-                        f"{ratio:.3f}×",
+                        f"{ratio:.3f}x",
                     )
                 )
             own = (row.get("beyond_floor_us") or {}).get("wall")
@@ -72,10 +72,10 @@ def evaluate_targets(scenario: dict[str, Any]) -> None:
                 targets.append(
                     _target(
                         "vs_official",
-                        f"added ≤ {OFFICIAL_SHARE:g} × official's",
+                        f"added ≤ {OFFICIAL_SHARE:g} x official's",
                         share,
                         _check(share, OFFICIAL_SHARE),
-                        f"{share:.2f}×",
+                        f"{share:.2f}x",
                     )
                 )
         elif scenario["kind"] == "e2e" and row["variant"] == "ours":
@@ -83,15 +83,15 @@ def evaluate_targets(scenario: dict[str, Any]) -> None:
             targets.append(
                 _target(
                     "rps",
-                    f"≥ {E2E_RPS_RATIO}× req/s",
+                    f"≥ {E2E_RPS_RATIO}x req/s",
                     rps,
                     _check(rps, E2E_RPS_RATIO, upper=False),
-                    f"{rps:.3f}×",
+                    f"{rps:.3f}x",
                 )
             )
             targets.append(
                 _target(
-                    "p99", f"p99 ≤ {E2E_P99_RATIO}×", p99, _check(p99, E2E_P99_RATIO), f"{p99:.3f}×"
+                    "p99", f"p99 ≤ {E2E_P99_RATIO}x", p99, _check(p99, E2E_P99_RATIO), f"{p99:.3f}x"
                 )
             )
         elif scenario["kind"] == "memory" and row["variant"] != "bare":
@@ -157,7 +157,7 @@ def _cycles_table(scenario: dict[str, Any]) -> list[str]:
         "",
         f"{scenario['cycles_per_block']:,} operations per block, {scenario['rounds']} rounds.",
         "",
-        f"| variant | {unit} | × bare | CPU {unit} | CPU × bare | added µs (wall / CPU) "
+        f"| variant | {unit} | x bare | CPU {unit} | CPU x bare | added µs (wall / CPU) "
         "| beyond 2 records µs (wall / CPU) | added ÷ official's (wall / CPU) "
         "| checkouts recorded | spans/op | targets |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
@@ -190,7 +190,7 @@ def _e2e_table(scenario: dict[str, Any]) -> list[str]:
     lines = [
         f"### {scenario['title']}",
         "",
-        "| variant | req/s | × bare | p50 ms | p99 ms | p99 × bare | errors "
+        "| variant | req/s | x bare | p50 ms | p99 ms | p99 x bare | errors "
         "| checkouts recorded / requests | targets |",
         "|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]

@@ -35,7 +35,9 @@ from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 from sqlalchemy import DateTime, ForeignKey, Integer, String, func, select
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.ext.asyncio import create_async_engine as sa_create_async_engine
@@ -272,6 +274,14 @@ def pool_holders(request: Request) -> Any:
     return json.loads(json.dumps(holders(request.app.state.engine), default=str))
 
 
+async def pool_timeout_handler(request: Request, exc: Exception) -> Response:
+    """No connection within ``pool_timeout``: a clear, retryable 503 instead of a 500 (and
+    well before the proxy gives up on the request with a 504)."""
+    return JSONResponse(
+        {"detail": "database busy, retry later"}, status_code=503, headers={"Retry-After": "1"}
+    )
+
+
 # --- telemetry -------------------------------------------------------------------------------
 @dataclass
 class Telemetry:
@@ -397,6 +407,7 @@ def create_app(
     app.include_router(common)
     app.include_router(fixed if build == "fixed" else leaky)
     app.include_router(ops)
+    app.add_exception_handler(sa_exc.TimeoutError, pool_timeout_handler)
     if telemetry:
         app.state.telemetry = instrument(app, engine, settings)
         app.state.registry = app.state.telemetry.registry

@@ -460,10 +460,11 @@ class PoolRegistry:
             hold = record.__dict__.get(HOLD_ATTR) if record is not None else None
             if hold is None:
                 return
-            if getattr(record, "needs_gc", False):
+            fairy_ref = record.fairy_ref
+            if fairy_ref is not None and fairy_ref() is None:
                 # The fairy was garbage collected without being returned: a leak.
                 self.leaks.garbage_collected(record, hold)
-            if not reset_state.transaction_was_reset and _in_transaction(dbapi_connection):
+            elif not reset_state.transaction_was_reset and _in_transaction(dbapi_connection):
                 self.leaks.open_transaction_at_checkin(record, hold)
         except Exception:
             _log_hook_error("reset")
