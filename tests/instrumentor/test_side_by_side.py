@@ -42,7 +42,10 @@ def test_with_official_instrumentors(otel, async_url):
 
             async def two_requests():
                 async with httpx.AsyncClient() as client:
-                    return await asyncio.gather(*(client.get(f"{server.url}/slow") for _ in range(2)))
+                    first = asyncio.create_task(client.get(f"{server.url}/slow"))
+                    await asyncio.sleep(0.1)  # the first request holds the only connection
+                    second = asyncio.create_task(client.get(f"{server.url}/slow"))
+                    return await asyncio.gather(first, second)
 
             responses = asyncio.run(two_requests())
             assert [r.status_code for r in responses] == [200, 200]

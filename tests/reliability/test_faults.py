@@ -289,9 +289,7 @@ def test_postgres_restart_during_load(otel, hook_errors, private_server):
 
 
 # -- a storm of checkout timeouts -------------------------------------------------------------
-def _check_storm(otel: Telemetry, pool: str, holder_span: Any, expected: int, spans: list) -> None:
-    assert counter(otel, "db.client.connection.timeouts", pool) == expected
-    assert len(spans) == expected
+def check_storm_spans(spans: list[Any], holder_span: Any) -> None:
     holder = holder_span.get_span_context()
     for span in spans:
         assert span.status.status_code.name == "ERROR"
@@ -308,7 +306,7 @@ def test_timeout_storm_threads(otel, hook_errors, make_sync_engine):
     tracer = otel.tracer_provider.get_tracer("test")
     with tracer.start_as_current_span("holder") as holder_span:
         held = engine.connect()
-    timeouts = []
+    timeouts: list[str] = []
     unexpected: list[BaseException] = []
 
     def storm(per_thread: int) -> None:
@@ -327,25 +325,484 @@ def test_timeout_storm_threads(otel, hook_errors, make_sync_engine):
             worker.start()
         for worker in workers:
             worker.join(60)
+        assert not [w for w in workers if w.is_alive()]
 
     run(10)  # warm-up: 40 timeouts
+    assert counter(otel, "db.client.connection.timeouts", "storm") == 40
     otel.exporter.clear()
     with bounded_memory(2 * MB), Invariants(otel, {"storm": 1}) as invariants:
         run(250)  # 1,000 timeouts
         invariants.check()
         spans = otel.spans("sqlalchemy.pool.wait")
-        _check_storm(otel, "storm", holder_span, 1040, spans[:0] + [None] * 0 or spans * 0 or [])
+        storm_spans = len(spans)
+        check_storm_spans(spans, holder_span)
+        del spans
         otel.exporter.clear()
     assert not unexpected, unexpected[:3]
     assert len(timeouts) == 1040
-    assert len(spans) == 1000
-    # spans were checked in _check_storm via the exporter before clearing
+    assert counter(otel, "db.client.connection.timeouts", "storm") == 1040
+    assert storm_spans == 1000
     figures = gauges(otel, "storm")
     assert figures["used"] == 1 == engine.pool.checkedout()
     assert figures["pending"] == 0
-    assert otel.value("db.client.connection.wait_time", db__client__connection__pool__name="storm") == 1041
+    wait_time = otel.value(
+        "db.client.connection.wait_time", db__client__connection__pool__name="storm"
+    )
+    assert wait_time == 1041  # every attempt, the holder's checkout included
     held.close()
     assert_idle_exact(otel, "storm", engine)
     # The holders WARNING is rate-limited: one per burst (a racing thread or two at most).
     assert 1 <= len(hook_errors.messages("checkout timed out")) <= 4
     hook_errors.assert_none()
+
+
+async def test_timeout_storm_asyncio(otel, hook_errors, make_async_engine):
+    engine = make_async_engine(
+        pool_size=1, max_overflow=0, pool_timeout=0.001, pool_logging_name="astorm"
+    )
+    otel.instrument()
+    tracer = otel.tracer_provider.get_tracer("test")
+    with tracer.start_as_current_span("holder") as holder_span:
+        held = await engine.connect()
+    pool = engine.sync_engine.pool
+
+    async def attempt() -> str:
+        try:
+            conn = await engine.connect()
+        except sa.exc.TimeoutError:
+            return "timeout"
+        await conn.close()
+        return "connected"
+
+    async def burst(n: int) -> list[str]:
+        return await asyncio.gather(*(attempt() for _ in range(n)))
+
+    assert await burst(20) == ["timeout"] * 20  # warm-up
+    otel.exporter.clear()
+    results: list[str] = []
+    with bounded_memory(2 * MB):
+        for _ in range(10):
+            results += await burst(100)  # 100 tasks waiting at once, 1,000 in all
+        spans = otel.spans("sqlalchemy.pool.wait")
+        storm_spans = len(spans)
+        check_storm_spans(spans, holder_span)
+        del spans
+        otel.exporter.clear()
+    assert results == ["timeout"] * 1000
+    assert storm_spans == 1000
+    assert counter(otel, "db.client.connection.timeouts", "astorm") == 1020
+    figures = gauges(otel, "astorm")
+    assert figures["used"] == 1 == pool.checkedout()
+    assert figures["pending"] == 0
+    await held.close()
+    figures = gauges(otel, "astorm")
+    assert figures["used"] == 0 == pool.checkedout()
+    assert figures["idle"] == queue_open_records(pool) == 1
+    await engine.dispose()
+    hook_errors.assert_none()
+
+
+# -- mass invalidation while connections are checked out --------------------------------------
+def test_mass_invalidation_while_checked_out(otel, hook_errors, make_sync_engine):
+    engine = make_sync_engine(
+        pool_size=5, max_overflow=0, pool_timeout=2, pool_logging_name="f-inval"
+    )
+    otel.instrument()
+    held = [engine.connect() for _ in range(5)]
+    for conn in held:
+        conn.execute(SELECT_1)
+    assert gauges(otel, "f-inval")["used"] == 5 == engine.pool.checkedout()
+
+    # Pool-wide invalidation through one connection (what SQLAlchemy does on a disconnect):
+    # that one is invalidated and returned now, the four others are recycled on next checkout.
+    engine.pool._invalidate(held[0].connection)
+    figures = gauges(otel, "f-inval")
+    assert figures["used"] == 4 == engine.pool.checkedout(), figures
+    held[0].close()
+    for conn in held[1:]:
+        assert conn.execute(SELECT_1).scalar() == 1  # still usable until returned
+        conn.close()
+    assert gauges(otel, "f-inval")["used"] == 0 == engine.pool.checkedout()
+    again = [engine.connect() for _ in range(5)]  # every one reconnects
+    assert gauges(otel, "f-inval")["used"] == 5 == engine.pool.checkedout()
+    assert counter(otel, "sqlalchemy.pool.connection.closes", "f-inval") == 5
+
+    # engine.dispose() while all five are out: they stay used (they belong to the old pool,
+    # whose checkedout() still counts them), the new pool has none out.
+    old_pool = engine.pool
+    engine.dispose()
+    figures = gauges(otel, "f-inval")
+    assert figures["used"] == 5 == old_pool.checkedout(), figures
+    assert engine.pool.checkedout() == 0
+    for conn in again:
+        assert conn.execute(SELECT_1).scalar() == 1
+        conn.close()
+    assert gauges(otel, "f-inval")["used"] == 0 == old_pool.checkedout()
+    with engine.connect() as conn:
+        assert conn.execute(SELECT_1).scalar() == 1
+        assert gauges(otel, "f-inval")["used"] == 1 == engine.pool.checkedout()
+    assert_idle_exact(otel, "f-inval", engine)
+    hook_errors.assert_none()
+
+
+def test_mass_invalidation_under_load(otel, hook_errors, make_sync_engine):
+    engine = make_sync_engine(
+        pool_size=4, max_overflow=2, pool_timeout=5, pool_logging_name="f-chaos"
+    )
+    otel.instrument()
+    tally = Tally()
+    counts = {"invalidated": 0, "pool_invalidated": 0, "disposed": 0}
+
+    def worker(index: int) -> None:
+        start = time.monotonic()
+        try:
+            with engine.connect() as conn:
+                conn.execute(SELECT_1)
+                roll = int(start * 1000) % 10
+                if roll == 0:
+                    conn.invalidate()
+                    counts["invalidated"] += 1
+                elif roll == 1:
+                    engine.pool._invalidate(conn.connection)
+                    counts["pool_invalidated"] += 1
+        except Exception as error:
+            tally.record(start, False, error)
+        else:
+            tally.record(start, True)
+
+    stop = threading.Event()
+
+    def disposer() -> None:
+        while not stop.wait(0.05):
+            engine.dispose()
+            counts["disposed"] += 1
+
+    run_threads(4, 0.3, worker)  # warm-up
+    with bounded_memory(2 * MB), Invariants(otel, {"f-chaos": 6}) as invariants:
+        thread = threading.Thread(target=disposer, daemon=True)
+        thread.start()
+        try:
+            run_threads(6, 1.5, worker)
+        finally:
+            stop.set()
+            thread.join(5)
+        invariants.check()
+    assert not tally.unexpected, tally.unexpected[:3]
+    assert tally.faulted == 0 and tally.ok > 100
+    assert counts["invalidated"] and counts["pool_invalidated"] and counts["disposed"] > 5
+    assert_idle_exact(otel, "f-chaos", engine)
+    hook_errors.assert_none()
+
+
+# -- asyncio tasks cancelled while holding connections ----------------------------------------
+async def test_cancelled_tasks_holding_connections(otel, hook_errors, make_async_engine):
+    engine = make_async_engine(
+        pool_size=4, max_overflow=2, pool_timeout=10, pool_logging_name="f-cancel"
+    )
+    otel.instrument()
+    pool = engine.sync_engine.pool
+
+    async def hold(kind: int, holding: list[int]) -> None:
+        if kind == 0:
+            async with engine.connect() as conn:
+                await conn.execute(SELECT_1)
+                holding.append(1)
+                await conn.execute(sa.text("SELECT pg_sleep(2)"))  # cancelled mid-query
+        elif kind == 1:
+            async with engine.begin() as conn:
+                await conn.execute(SELECT_1)
+                holding.append(1)
+                await asyncio.sleep(10)  # cancelled inside a transaction
+        else:
+            async with engine.connect() as conn:
+                await conn.execute(SELECT_1)
+                holding.append(1)
+                await asyncio.sleep(10)  # cancelled while idle
+
+    with bounded_memory(2 * MB):
+        for round_ in range(4):
+            holding: list[int] = []
+            tasks = [asyncio.create_task(hold((round_ + i) % 3, holding)) for i in range(10)]
+            deadline = time.monotonic() + 5
+            while len(holding) < 6 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+            figures = gauges(otel, "f-cancel")
+            assert figures["used"] == 6 == pool.checkedout(), figures
+            assert figures["pending"] == 4, figures  # the four tasks still waiting
+            for task in tasks:
+                task.cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            assert all(isinstance(r, asyncio.CancelledError) for r in results), results
+            figures = gauges(otel, "f-cancel")
+            assert figures["used"] == 0 == pool.checkedout(), figures
+            assert figures["pending"] == 0, figures
+            async with engine.connect() as conn:  # the pool is healthy afterwards
+                assert (await conn.execute(SELECT_1)).scalar() == 1
+    figures = gauges(otel, "f-cancel")
+    assert figures["used"] == 0 and figures["pending"] == 0
+    assert figures["idle"] == queue_open_records(pool)
+    await engine.dispose()
+    hook_errors.assert_none()
+
+
+# -- exporters and processors that fail -------------------------------------------------------
+class RaisingSpanExporter(SpanExporter):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def export(self, spans: Any) -> SpanExportResult:
+        self.calls += 1
+        raise RuntimeError("span exporter down")
+
+    def shutdown(self) -> None:
+        pass
+
+
+class RaisingProcessor(SpanProcessor):
+    def on_end(self, span: Any) -> None:
+        raise RuntimeError("span processor down")
+
+
+class HangingSpanExporter(SpanExporter):
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    def export(self, spans: Any) -> SpanExportResult:
+        self.entered.set()
+        self.release.wait(10)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        self.release.set()
+
+
+def traffic(engine: sa.Engine) -> dict[str, Any]:
+    """Timeouts, slow waits and two-period sessions; returns what the application saw."""
+    seen: dict[str, Any] = {"timeouts": [], "sessions": []}
+    held = engine.connect()
+    for _ in range(3):
+        try:
+            engine.connect()
+        except sa.exc.TimeoutError as error:
+            seen["timeouts"].append(str(error))
+    held.close()
+    for _ in range(3):
+        with Session(engine) as session:
+            first = session.execute(SELECT_1).scalar()
+            session.commit()  # ends the first holding period
+            second = session.execute(sa.text("SELECT 2")).scalar()
+        seen["sessions"].append((first, second))
+    return seen
+
+
+def test_raising_span_exporter_is_harmless(otel, hook_errors, make_sync_engine):
+    engine = make_sync_engine(
+        pool_size=1, max_overflow=0, pool_timeout=0.05, pool_logging_name="f-exp"
+    )
+    exporter = RaisingSpanExporter()
+    otel.tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    otel.instrument(session_spans="all", wait_span_threshold_ms=0)
+    seen = traffic(engine)
+    assert len(seen["timeouts"]) == 3
+    assert all(t.startswith("QueuePool limit of size 1 overflow 0 reached") for t in seen["timeouts"])
+    assert seen["sessions"] == [(1, 2)] * 3
+    assert exporter.calls > 0
+    assert counter(otel, "db.client.connection.timeouts", "f-exp") == 3
+    assert len(otel.spans("sqlalchemy.session")) == 6
+    assert_idle_exact(otel, "f-exp", engine)
+    hook_errors.assert_none()  # the SDK contains exporter errors; none reach our hooks
+
+
+def test_raising_span_processor_is_contained(otel, hook_errors, make_sync_engine):
+    """A processor that raises in on_end reaches our code: we contain it, stay exact."""
+    engine = make_sync_engine(
+        pool_size=1, max_overflow=0, pool_timeout=0.05, pool_logging_name="f-proc"
+    )
+    otel.tracer_provider.add_span_processor(RaisingProcessor())  # after the in-memory one
+    otel.instrument(session_spans="all", wait_span_threshold_ms=0)
+    seen = traffic(engine)
+    assert len(seen["timeouts"]) == 3
+    assert all(t.startswith("QueuePool limit of size 1 overflow 0 reached") for t in seen["timeouts"])
+    assert seen["sessions"] == [(1, 2)] * 3
+    assert counter(otel, "db.client.connection.timeouts", "f-proc") == 3
+    assert_idle_exact(otel, "f-proc", engine)
+    # Each holding period is its own span, even when emitting the previous one failed.
+    sessions = otel.spans("sqlalchemy.session")
+    assert len(sessions) == 6
+    assert [s.attributes["sqlalchemy.session.statements"] for s in sessions] == [1] * 6
+    assert [s.attributes["sqlalchemy.session.transactions"] for s in sessions] == [1] * 6
+    # The injected error was logged (contained), and nothing else was.
+    errors = hook_errors.errors()
+    assert errors
+    for record in errors:
+        assert record.exc_info and str(record.exc_info[1]) == "span processor down"
+
+
+def test_hanging_span_exporter_does_not_block_checkouts(otel, hook_errors, make_sync_engine):
+    engine = make_sync_engine(
+        pool_size=1, max_overflow=0, pool_timeout=0.01, pool_logging_name="f-hang"
+    )
+    exporter = HangingSpanExporter()
+    processor = BatchSpanProcessor(exporter, schedule_delay_millis=10, max_export_batch_size=1)
+    otel.tracer_provider.add_span_processor(processor)
+    otel.instrument()
+    try:
+        held = engine.connect()
+        durations = []
+        for _ in range(50):
+            start = time.perf_counter()
+            with pytest.raises(sa.exc.TimeoutError):
+                engine.connect()
+            durations.append(time.perf_counter() - start)
+        assert exporter.entered.wait(5)  # the exporter is stuck while we keep going
+        for _ in range(50):
+            start = time.perf_counter()
+            with pytest.raises(sa.exc.TimeoutError):
+                engine.connect()
+            durations.append(time.perf_counter() - start)
+        held.close()
+        assert max(durations) < 0.5, max(durations)
+        assert counter(otel, "db.client.connection.timeouts", "f-hang") == 100
+        assert_idle_exact(otel, "f-hang", engine)
+    finally:
+        exporter.release.set()
+        processor.shutdown()
+    hook_errors.assert_none()
+
+
+class FailingMetricExporter(MetricExporter):
+    def __init__(self, hang_s: float = 0.0):
+        super().__init__()
+        self.hang_s = hang_s
+        self.calls = 0
+
+    def export(self, metrics_data: Any, timeout_millis: float = 10_000, **kwargs: Any):
+        self.calls += 1
+        if self.hang_s:
+            time.sleep(self.hang_s)
+            return MetricExportResult.SUCCESS
+        raise RuntimeError("metric exporter down")
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return True
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        pass
+
+
+def test_failing_metric_exporters_and_racing_collection(hook_errors, make_sync_engine):
+    """Periodic readers whose exporter raises or hangs, plus a reader collecting in a loop."""
+    reader = InMemoryMetricReader()
+    raising = FailingMetricExporter()
+    hanging = FailingMetricExporter(hang_s=0.5)
+    periodic = [
+        PeriodicExportingMetricReader(raising, export_interval_millis=20),
+        PeriodicExportingMetricReader(hanging, export_interval_millis=20),
+    ]
+    tracer_provider = TracerProvider()
+    exporter = InMemorySpanExporter()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    meter_provider = MeterProvider(metric_readers=[reader, *periodic])
+    otel = Telemetry(reader, exporter, tracer_provider, meter_provider, SQLAlchemyPoolInstrumentor())
+    engine = make_sync_engine(
+        pool_size=3, max_overflow=0, pool_timeout=0.02, pool_logging_name="f-mexp"
+    )
+    otel.instrument()
+    try:
+        tally = Tally()
+        timeouts = []
+
+        def worker(index: int) -> None:
+            start = time.monotonic()
+            try:
+                with engine.connect() as conn:
+                    conn.execute(SELECT_1)
+                    time.sleep(0.002)
+            except sa.exc.TimeoutError:
+                timeouts.append(1)
+            except Exception as error:
+                tally.record(start, False, error)
+            else:
+                tally.record(start, True)
+
+        with Invariants(otel, {"f-mexp": 3}, interval_s=0) as invariants:
+            run_threads(5, 1.5, worker)
+            invariants.check()
+        assert raising.calls > 5 and hanging.calls >= 1
+        assert not tally.unexpected and tally.ok > 50
+        assert counter(otel, "db.client.connection.timeouts", "f-mexp") == len(timeouts)
+        assert_idle_exact(otel, "f-mexp", engine)
+    finally:
+        otel.instrumentor.uninstrument()
+        meter_provider.shutdown(timeout_millis=5000)
+    hook_errors.assert_none()
+
+
+# -- metric collection racing with pool creation and disposal ---------------------------------
+def test_collection_races_with_engine_churn(otel, hook_errors, sync_url):
+    otel.instrument()
+    registry = otel.instrumentor._state[0]
+    misnamed: list[tuple[str, str]] = []
+    errors: list[BaseException] = []
+
+    def churn(index: int) -> None:
+        name = f"churn-{index}"
+        engine = sa.create_engine(sync_url, pool_size=2, max_overflow=0, pool_logging_name=name)
+        try:
+            held = engine.connect()
+            held.execute(SELECT_1)
+            with engine.connect() as conn:
+                conn.execute(SELECT_1)
+            actual = engine.pool.__dict__[POOL_RECORDER_ATTR].name
+            if actual != name:
+                misnamed.append((name, actual))
+            engine.dispose()  # while one is still checked out
+            with engine.connect() as conn:
+                conn.execute(SELECT_1)
+            held.close()
+        except BaseException as error:
+            errors.append(error)
+        finally:
+            engine.dispose()
+
+    def churn_loop(index: int) -> None:
+        churn(index)
+        gc.collect()
+
+    run_threads(2, 0.5, churn_loop)  # warm-up
+    with bounded_memory(3 * MB), Invariants(otel, {"churn-0": 3, "churn-1": 3}, 0) as watch:
+        run_threads(2, 2.0, churn_loop)
+        watch.check()
+    assert not errors, errors[:3]
+    assert not misnamed, misnamed[:5]
+    gc.collect()
+    for name in ("churn-0", "churn-1"):
+        figures = gauges(otel, name)
+        assert figures.get("used", 0) == 0 and figures.get("pending", 0) == 0, figures
+    assert [r.name for r in registry.recorders()] == []  # every pool is gone: forgotten
+    hook_errors.assert_none()
+
+
+def test_recreated_engine_keeps_its_pool_name(otel, hook_errors, sync_url):
+    """A new engine replacing a disposed, collected one gets the same name -- whether or not
+    a metric collection happened in between."""
+    otel.instrument()
+    names = []
+    for _ in range(3):
+        engine = sa.create_engine(sync_url, pool_logging_name="reborn")
+        with engine.connect() as conn:
+            conn.execute(SELECT_1)
+        names.append(engine.pool.__dict__[POOL_RECORDER_ATTR].name)
+        engine.dispose()
+        del engine, conn
+        gc.collect()
+    assert names == ["reborn"] * 3
+    assert gauges(otel, "reborn").get("used", 0) == 0
+    hook_errors.assert_none()
+
+
+def test_pool_name_logging_stays_quiet(hook_errors):
+    logging.getLogger("opentelemetry.instrumentation.sqlalchemy_pool").debug("probe")
+    assert hook_errors.records and not hook_errors.errors()
