@@ -122,13 +122,18 @@ def _is_fault(error: BaseException) -> bool:
     )
 
 
-def run_threads(n: int, duration_s: float, body: Callable[[int], None]) -> None:
-    stop_at = time.monotonic() + duration_s
+def run_threads(n: int, duration_s: float | threading.Event, body: Callable[[int], None]) -> None:
+    """Run ``body`` in ``n`` threads for ``duration_s`` seconds, or until the event is set."""
+    if isinstance(duration_s, threading.Event):
+        done, limit = duration_s, 120.0
+    else:
+        done, limit = threading.Event(), duration_s
+        threading.Timer(duration_s, done.set).start()
     errors: list[BaseException] = []
 
     def loop(index: int) -> None:
         try:
-            while time.monotonic() < stop_at:
+            while not done.is_set():
                 body(index)
         except BaseException as error:
             errors.append(error)
@@ -137,7 +142,7 @@ def run_threads(n: int, duration_s: float, body: Callable[[int], None]) -> None:
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(duration_s + 30)
+        thread.join(limit + 30)
     assert not [t for t in threads if t.is_alive()], "a worker hung"
     assert not errors, errors
 
@@ -256,23 +261,28 @@ def test_postgres_restart_during_load(otel, hook_errors, private_server):
         tally = Tally()
         marks: dict[str, float] = {}
 
+        done = threading.Event()
+
         def operator() -> None:
-            time.sleep(0.6)
-            marks["down"] = time.monotonic()
-            _stop(private_server)
-            marks["stopped"] = time.monotonic()
-            time.sleep(0.4)
-            _start(private_server)
-            marks["up"] = time.monotonic()
+            try:
+                time.sleep(0.6)  # normal load
+                marks["down"] = time.monotonic()
+                _stop(private_server)
+                marks["stopped"] = time.monotonic()
+                time.sleep(0.4)  # outage
+                _start(private_server)
+                marks["up"] = time.monotonic()
+                time.sleep(0.8)  # load after the restart
+            finally:
+                done.set()
 
         with bounded_memory(4 * MB), Invariants(otel, {"f-restart": 4}) as invariants:
             thread = threading.Thread(target=operator, daemon=True)
             thread.start()
-            run_threads(4, 0.6, lambda i: request(engine, tally))  # before the fault
+            run_threads(4, done, lambda i: request(engine, tally))
             thread.join(60)
-            assert not thread.is_alive()
-            run_threads(4, 0.8, lambda i: request(engine, tally))  # after the restart
             invariants.check()
+        assert set(marks) == {"down", "stopped", "up"}
 
         assert not tally.unexpected, tally.unexpected[:3]
         assert tally.faulted > 0  # requests during the outage failed ...

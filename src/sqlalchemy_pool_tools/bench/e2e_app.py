@@ -15,7 +15,9 @@ served and how many checkouts the wait_time histogram recorded (they must be equ
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -38,7 +40,7 @@ engine = create_async_engine(
 )
 SessionLocal = async_sessionmaker(engine, expire_on_commit=False)
 SELECT_1 = text("SELECT 1")
-served = {"q": 0}
+served = {"q": 0, "inflight": 0}
 
 if MODE == "ours":
     from opentelemetry.instrumentation.sqlalchemy_pool import SQLAlchemyPoolInstrumentor
@@ -60,8 +62,12 @@ app = FastAPI()
 
 @app.get("/q")
 async def query(session: Annotated[AsyncSession, Depends(get_session)]) -> dict[str, Any]:
-    value = (await session.execute(SELECT_1)).scalar_one()
     served["q"] += 1
+    served["inflight"] += 1
+    try:
+        value = (await session.execute(SELECT_1)).scalar_one()
+    finally:
+        served["inflight"] -= 1
     return {"value": value}
 
 
@@ -72,6 +78,11 @@ async def healthz() -> dict[str, str]:
 
 @app.get("/bench/stats")
 async def stats() -> dict[str, Any]:
+    # The load generator stops with requests in flight: let them finish and return their
+    # connections, so "requests served" and "checkouts recorded" describe the same set.
+    deadline = time.monotonic() + 30
+    while (served["inflight"] or engine.pool.checkedout()) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
     providers.flush_metrics()
     return {
         "mode": MODE,

@@ -19,6 +19,11 @@ from .pools import Hold, PoolRecorder
 
 _logger = logging.getLogger(__name__)
 
+# Held-idle time below this is Python overhead between statements, not "holding a connection
+# while doing something else"; skipping it keeps the empty checkout cycle at the two records
+# the semantic conventions require. Shares computed from sums are off by < 1 ms per checkout.
+HELD_IDLE_MIN_S = 0.001
+
 ReleaseHook = Callable[[Any, Hold, float, bool], None]
 
 
@@ -60,7 +65,8 @@ class Telemetry:
         )
         self.held_idle_time = histogram(
             semconv.CONNECTION_HELD_IDLE_TIME,
-            "Per checkout, the part of use_time with no statement running on the connection.",
+            "Per checkout, the part of use_time with no statement running on the connection "
+            "(recorded when at least 1 ms).",
         )
         self.session_duration = histogram(
             semconv.SESSION_DURATION, "How long a Session held database connections."
@@ -196,7 +202,9 @@ class Telemetry:
                 attrs = recorder.route_attrs(route)
         self.use_time.record(now - hold.t_out, attrs)
         if self.track_statements:
-            self.held_idle_time.record(hold.idle_s(now), attrs)
+            idle = hold.idle_s(now)
+            if idle >= HELD_IDLE_MIN_S:
+                self.held_idle_time.record(idle, attrs)
         for hook in self.release_hooks:
             hook(record, hold, now, detached)
 
