@@ -168,9 +168,18 @@ def counter(otel: Telemetry, name: str, pool: str, **attrs: Any) -> int:
     return total
 
 
+def queued_records(pool: Any) -> list[Any]:
+    """The idle records of a QueuePool or AsyncAdaptedQueuePool (read without side effects)."""
+    queue = pool._pool
+    items = getattr(queue, "queue", None)  # sqlalchemy.util.queue.Queue
+    if items is None:  # AsyncAdaptedQueue wraps an asyncio.Queue (created lazily)
+        items = getattr(queue.__dict__.get("_queue"), "_queue", ())
+    return list(items)
+
+
 def queue_open_records(pool: Any) -> int:
-    """Idle records in a QueuePool that still hold an open DBAPI connection."""
-    return sum(1 for record in list(pool._pool.queue) if record.dbapi_connection is not None)
+    """Idle records that still hold an open DBAPI connection (what "idle" must count)."""
+    return sum(1 for record in queued_records(pool) if record.dbapi_connection is not None)
 
 
 # -- memory -----------------------------------------------------------------------------------

