@@ -400,6 +400,39 @@ def pool_overview() -> dict:
         "session factory is a classic lazy-load footgun.",
     )
 
+    by_route = f"job, {POOL}, http_route"
+    lay.panel(
+        "Use time p95 by route (top 10)",
+        [
+            q(
+                f"topk(10, histogram_quantile(0.95, sum by ({by_route}, le) "
+                f"(rate(db_client_connection_use_time_seconds_bucket{{{SEL}}}[{RATE}]))))",
+                "{{http_route}} ({{job}} {{db_client_connection_pool_name}})",
+                exemplar=True,
+            )
+        ],
+        unit="s",
+        description="Connection hold time by the HTTP route that took the connection (route "
+        "templates, at most 50 per pool, then 'other'; no route outside requests).",
+    )
+    lay.panel(
+        "Held-idle share by route (top 10)",
+        [
+            q(
+                f"topk(10, sum by ({by_route}) "
+                f"(rate(sqlalchemy_pool_connection_held_idle_time_seconds_sum{{{SEL}}}[{RATE}]))"
+                f" / sum by ({by_route}) "
+                f"(rate(db_client_connection_use_time_seconds_sum{{{SEL}}}[{RATE}])))",
+                "{{http_route}} ({{job}} {{db_client_connection_pool_name}})",
+            )
+        ],
+        unit="percentunit",
+        maximum=1,
+        thresholds=[(0.5, "orange"), (0.8, "red")],
+        description="Routes that hold connections without using them: the first place to look "
+        "in the session-lifecycle step of the runbook.",
+    )
+
     lay.row("Connection churn")
     lay.panel(
         "Connect (create) time p50 / p99",

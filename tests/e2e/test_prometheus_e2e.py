@@ -186,9 +186,19 @@ async def _drive(app_url: str, stop: asyncio.Event) -> dict[int | str, int]:
                     status = type(exc).__name__
                 statuses[status] = statuses.get(status, 0) + 1
 
-    side = ["/hold", "/idle-in-transaction", "/session/{i}"]
-    await asyncio.gather(*(worker(["/slow"]) for _ in range(LOAD_WORKERS)), worker(side))
+    await asyncio.gather(*(worker(["/slow"]) for _ in range(LOAD_WORKERS)), worker(SIDE_PATHS))
     return statuses
+
+
+SIDE_PATHS = ["/hold", "/idle-in-transaction", "/session/{i}"]
+
+
+async def _one_of_each(app_url: str) -> None:
+    """Leak, idle transaction, session and a slow query, on an idle pool (so none times out)."""
+    async with httpx.AsyncClient(base_url=app_url, timeout=30) as client:
+        for path in [*SIDE_PATHS, "/slow"]:
+            response = await client.get(path.format(i=7))
+            assert response.status_code == 200, (path, response.status_code, response.text)
 
 
 async def _firing(client: httpx.AsyncClient) -> dict[str, list[dict]]:
@@ -209,6 +219,8 @@ async def _query(client: httpx.AsyncClient, promql: str) -> tuple[str, list]:
 
 
 async def test_every_query_returns_data_and_pool_alerts_fire(app: App, prometheus_url):
+    # Every kind of signal once on an idle pool: under saturation these may all time out.
+    await _one_of_each(app.url)
     stop = asyncio.Event()
     load = asyncio.create_task(_drive(app.url, stop))
     async with httpx.AsyncClient(base_url=prometheus_url, timeout=10) as prom:
@@ -237,7 +249,8 @@ async def test_every_query_returns_data_and_pool_alerts_fire(app: App, prometheu
             assert labels["job"] == "app" and labels["db_client_connection_pool_name"] == "main"
             assert labels["instance"] == app.url.split("//", 1)[1]
 
-        await asyncio.sleep(2)  # one more scrape after the load stopped
+        await _one_of_each(app.url)  # recent samples for the rate() windows
+        await asyncio.sleep(3)  # scraped, and sampled by pg_activity (1 s interval)
         failures, collector_only = [], []
         queries = [q for q in all_queries() if q.kind in ("panel", "variable", "datasource")]
         assert queries

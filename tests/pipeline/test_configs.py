@@ -484,7 +484,7 @@ def test_allow_list_matches_the_contract():
     labels = {
         attr.replace(".", "_")
         for attr in (semconv.POOL_NAME, semconv.CONNECTION_STATE, semconv.CLOSE_REASON,
-                     semconv.LEAK_KIND, semconv.PG_STATE, semconv.PG_SCOPE)
+                     semconv.LEAK_KIND, semconv.PG_STATE, semconv.PG_SCOPE, semconv.HTTP_ROUTE)
     }  # fmt: skip
     bracketed = set(re.findall(r"\[`([a-z_]+)`", contract)) - labels
     assert len(bracketed) > 5
@@ -657,6 +657,8 @@ def series_budget() -> dict[str, int]:
 
 
 def test_docs_state_the_series_budget():
+    from opentelemetry.instrumentation.sqlalchemy_pool.pools import MAX_ROUTES_PER_POOL
+
     parts = series_budget()
     assert parts["closes by reason"] == 8 and parts["leaks by kind"] == 4
     per_pool = sum(parts.values())
@@ -664,6 +666,12 @@ def test_docs_state_the_series_budget():
     match = re.search(r"\*\*(\d+) series per pool\*\*", doc)
     assert match, "docs/pipeline.md must state '**N series per pool**'"
     assert int(match.group(1)) == per_pool
+    # use_time and held_idle_time also split by http.route: 50 route templates + "other"
+    per_route = 2 * (len(semconv.DURATION_BUCKETS) + 3)
+    worst = per_pool + (MAX_ROUTES_PER_POOL + 1) * per_route
+    match = re.search(r"\*\*(\d+) series per pool at most\*\*", doc)
+    assert match, "docs/pipeline.md must state '**N series per pool at most**'"
+    assert int(match.group(1)) == worst
     match = re.search(r"\*\*(\d+) series per instance\*\*", doc)
     assert match, "docs/pipeline.md must state '**N series per instance**'"
     assert int(match.group(1)) > per_pool

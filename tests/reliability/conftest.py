@@ -137,9 +137,9 @@ def admin(sync_url: URL) -> Iterator[Admin]:
 
 
 # -- gauges -----------------------------------------------------------------------------------
-def gauges(otel: Telemetry, pool: str) -> dict[str, Any]:
+def gauges(telemetry: Telemetry, pool: str) -> dict[str, Any]:
     """used, idle, pending (and max) of one pool from a single collection."""
-    data = otel.reader.get_metrics_data()
+    data = telemetry.reader.get_metrics_data()
     found: dict[str, Any] = {}
     for resource_metrics in data.resource_metrics if data else []:
         for scope_metrics in resource_metrics.scope_metrics:
@@ -157,10 +157,10 @@ def gauges(otel: Telemetry, pool: str) -> dict[str, Any]:
     return found
 
 
-def counter(otel: Telemetry, name: str, pool: str, **attrs: Any) -> int:
+def counter(telemetry: Telemetry, name: str, pool: str, **attrs: Any) -> int:
     """Sum of a counter's points for a pool (0 when it never fired)."""
     total = 0
-    for point in otel.points(name):
+    for point in telemetry.points(name):
         if point.attributes.get(POOL_ATTR) != pool:
             continue
         if all(point.attributes.get(k.replace("__", ".")) == v for k, v in attrs.items()):
@@ -216,6 +216,4 @@ def bounded_memory(limit_bytes: int) -> Iterator[MemoryCheck]:
     finally:
         if check.started_here:
             tracemalloc.stop()
-    assert check.growth < limit_bytes, (
-        f"memory grew by {check.growth} bytes (limit {limit_bytes})"
-    )
+    assert check.growth < limit_bytes, f"memory grew by {check.growth} bytes (limit {limit_bytes})"

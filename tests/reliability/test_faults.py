@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import logging
 import os
 import tempfile
 import threading
@@ -45,9 +44,11 @@ from instrumentor.conftest import Telemetry
 from opentelemetry.instrumentation.sqlalchemy_pool import SQLAlchemyPoolInstrumentor
 from opentelemetry.instrumentation.sqlalchemy_pool.pools import POOL_RECORDER_ATTR
 
-from .conftest import bounded_memory, counter, gauges, queue_open_records
+from .conftest import bounded_memory, counter, gauges, queue_open_records, queued_records
 
 SELECT_1 = sa.text("SELECT 1")
+SELECT_PID = sa.text("SELECT pg_backend_pid()")
+TIMEOUT_MESSAGE = "QueuePool limit of size 1 overflow 0 reached"
 MB = 1024 * 1024
 
 
@@ -206,7 +207,6 @@ def test_backends_terminated_mid_load(otel, hook_errors, make_sync_engine, admin
     assert_idle_exact(otel, "f-term", engine)
     # Every failed request's connection (at least) was closed and counted.
     closes = counter(otel, "sqlalchemy.pool.connection.closes", "f-term")
-    print("DEBUGREASONS", [(dict(p.attributes), p.value) for p in otel.points("sqlalchemy.pool.connection.closes")], tally.faulted, sum(kills))
     assert closes >= tally.faulted
     with engine.connect() as conn:
         assert conn.execute(SELECT_1).scalar() == 1
@@ -561,6 +561,26 @@ async def test_cancelled_tasks_holding_connections(otel, hook_errors, make_async
     hook_errors.assert_none()
 
 
+async def test_async_pool_idle_excludes_invalidated_records(otel, hook_errors, make_async_engine):
+    """An invalidated record goes back to an AsyncAdaptedQueuePool's queue without a
+    connection: it is not idle. uninstrument() cleans the async pool's records too."""
+    engine = make_async_engine(pool_size=2, max_overflow=0, pool_logging_name="f-aidle")
+    otel.instrument()
+    pool = engine.sync_engine.pool
+    async with engine.connect() as first, engine.connect() as second:
+        await first.execute(SELECT_1)
+        await second.execute(SELECT_1)
+        await first.invalidate()
+    assert pool.checkedin() == 2 and queue_open_records(pool) == 1
+    figures = gauges(otel, "f-aidle")
+    assert figures["used"] == 0 and figures["idle"] == 1, figures
+    otel.instrumentor.uninstrument()
+    for record in queued_records(pool):
+        assert not [key for key in record.__dict__ if key.startswith("_otel")]
+    await engine.dispose()
+    hook_errors.assert_none()
+
+
 # -- exporters and processors that fail -------------------------------------------------------
 class RaisingSpanExporter(SpanExporter):
     def __init__(self) -> None:
@@ -621,7 +641,7 @@ def test_raising_span_exporter_is_harmless(otel, hook_errors, make_sync_engine):
     otel.instrument(session_spans="all", wait_span_threshold_ms=0)
     seen = traffic(engine)
     assert len(seen["timeouts"]) == 3
-    assert all(t.startswith("QueuePool limit of size 1 overflow 0 reached") for t in seen["timeouts"])
+    assert all(t.startswith(TIMEOUT_MESSAGE) for t in seen["timeouts"])
     assert seen["sessions"] == [(1, 2)] * 3
     assert exporter.calls > 0
     assert counter(otel, "db.client.connection.timeouts", "f-exp") == 3
@@ -639,7 +659,7 @@ def test_raising_span_processor_is_contained(otel, hook_errors, make_sync_engine
     otel.instrument(session_spans="all", wait_span_threshold_ms=0)
     seen = traffic(engine)
     assert len(seen["timeouts"]) == 3
-    assert all(t.startswith("QueuePool limit of size 1 overflow 0 reached") for t in seen["timeouts"])
+    assert all(t.startswith(TIMEOUT_MESSAGE) for t in seen["timeouts"])
     assert seen["sessions"] == [(1, 2)] * 3
     assert counter(otel, "db.client.connection.timeouts", "f-proc") == 3
     assert_idle_exact(otel, "f-proc", engine)
@@ -720,7 +740,8 @@ def test_failing_metric_exporters_and_racing_collection(hook_errors, make_sync_e
     exporter = InMemorySpanExporter()
     tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
     meter_provider = MeterProvider(metric_readers=[reader, *periodic])
-    otel = Telemetry(reader, exporter, tracer_provider, meter_provider, SQLAlchemyPoolInstrumentor())
+    instrumentor = SQLAlchemyPoolInstrumentor()
+    otel = Telemetry(reader, exporter, tracer_provider, meter_provider, instrumentor)
     engine = make_sync_engine(
         pool_size=3, max_overflow=0, pool_timeout=0.02, pool_logging_name="f-mexp"
     )
@@ -771,7 +792,9 @@ def test_collection_races_with_engine_churn(otel, hook_errors, sync_url):
             with engine.connect() as conn:
                 conn.execute(SELECT_1)
             actual = engine.pool.__dict__[POOL_RECORDER_ATTR].name
-            if actual != name:
+            # Never another pool's name. (A "#2" suffix is possible here: a collection running
+            # at that instant briefly holds the previous, dying pool -- see guarantees.md.)
+            if actual != name and not actual.startswith(f"{name}#"):
                 misnamed.append((name, actual))
             engine.dispose()  # while one is still checked out
             with engine.connect() as conn:
@@ -818,6 +841,54 @@ def test_recreated_engine_keeps_its_pool_name(otel, hook_errors, sync_url):
     hook_errors.assert_none()
 
 
-def test_pool_name_logging_stays_quiet(hook_errors):
-    logging.getLogger("opentelemetry.instrumentation.sqlalchemy_pool").debug("probe")
-    assert hook_errors.records and not hook_errors.errors()
+def test_disposed_engine_stays_visible_and_keeps_its_recorder(otel, hook_errors, make_sync_engine):
+    """Between engine.dispose() and the next checkout, a collection must not drop the pool:
+    its series continue (0 used) and the next checkout reuses the same recorder (so per-pool
+    state such as a pg_activity sampler is not created a second time)."""
+    engine = make_sync_engine(pool_size=2, pool_logging_name="f-gap")
+    otel.instrument()
+    with engine.connect() as conn:
+        conn.execute(SELECT_1)
+    recorder = engine.pool.__dict__[POOL_RECORDER_ATTR]
+    engine.dispose()
+    gc.collect()
+    figures = gauges(otel, "f-gap")  # a collection between dispose and the next checkout
+    assert figures.get("used") == 0 and figures.get("idle") == 0, figures
+    with engine.connect() as conn:
+        conn.execute(SELECT_1)
+        assert engine.pool.__dict__[POOL_RECORDER_ATTR] is recorder
+        assert gauges(otel, "f-gap")["used"] == 1
+    assert_idle_exact(otel, "f-gap", engine)
+    hook_errors.assert_none()
+
+
+def test_pool_invalidation_after_a_disconnect_is_not_called_recycle(
+    otel, hook_errors, make_sync_engine, admin
+):
+    """After a disconnect SQLAlchemy invalidates the whole pool; the other connections are
+    closed at their next checkout. pool_recycle is off, so that must not count as recycle
+    (the doctor would advise raising pool_recycle)."""
+    engine = make_sync_engine(pool_size=3, max_overflow=0, pool_logging_name="f-reason")
+    otel.instrument()
+    held = [engine.connect() for _ in range(3)]
+    pids = [conn.execute(SELECT_PID).scalar() for conn in held]
+    admin.terminate(pids[:1])
+    with pytest.raises(sa.exc.OperationalError) as raised:
+        held[0].execute(SELECT_1)
+    assert raised.value.connection_invalidated
+    for conn in held:
+        conn.close()
+    again = [engine.connect() for _ in range(3)]  # all three reconnect
+    assert {conn.execute(SELECT_PID).scalar() for conn in again}.isdisjoint(pids)
+    for conn in again:
+        conn.close()
+    by_reason = {
+        p.attributes["sqlalchemy.pool.close.reason"]: p.value
+        for p in otel.points("sqlalchemy.pool.connection.closes")
+        if p.attributes["db.client.connection.pool.name"] == "f-reason"
+    }
+    assert sum(by_reason.values()) == 3, by_reason
+    assert "recycle" not in by_reason, by_reason
+    assert by_reason.get("invalidated", 0) >= 2, by_reason
+    assert_idle_exact(otel, "f-reason", engine)
+    hook_errors.assert_none()

@@ -17,7 +17,7 @@ query is fast: connections sit "idle in transaction" in sessions that outlived t
 response.
 
 Routes: ``GET /orders`` (a short query), ``GET /orders/report`` (the two builds differ),
-``GET /metrics`` (Prometheus), ``GET /healthz`` and ``GET /debug/pool/holders`` (who holds
+``GET /metrics`` (Prometheus), ``GET /healthz`` and ``GET /_debug/pool-holders`` (who holds
 the pool's connections right now). Start it with ``python -m sqlalchemy_pool_tools.demo.server``
 or the ``sqlalchemy-pool demo --serve`` command.
 """
@@ -25,7 +25,6 @@ or the ``sqlalchemy-pool demo --serve`` command.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 from collections.abc import AsyncIterator
@@ -42,6 +41,8 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.ext.asyncio import create_async_engine as sa_create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from sqlalchemy_pool_tools.demo import HOLDERS_PATH
 
 _logger = logging.getLogger(__name__)
 
@@ -264,14 +265,16 @@ def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@ops.get("/debug/pool/holders")
-def pool_holders(request: Request) -> Any:
-    """Who holds the pool's connections now (code site, age, idle in transaction)."""
-    holders = request.app.state.holders
-    if holders is None:
-        return []
-    # default=str: holder records may carry datetimes or code objects; JSON wants text.
-    return json.loads(json.dumps(holders(request.app.state.engine), default=str))
+@ops.get(HOLDERS_PATH)
+def pool_holders(settings: AppSettings, request: Request) -> dict[str, Any]:
+    """Who holds the pool's connections right now: age, idle-in-transaction time, code site,
+    route (never SQL or parameters). Read by ``sqlalchemy-pool holders URL`` and the demo;
+    keep such a route internal in a real service."""
+    try:
+        from opentelemetry.instrumentation.sqlalchemy_pool import holders
+    except ImportError:
+        return {"pools": {}}
+    return {"pools": {settings.pool_name: holders(request.app.state.engine, limit=20)}}
 
 
 async def pool_timeout_handler(request: Request, exc: Exception) -> Response:
@@ -289,7 +292,6 @@ class Telemetry:
     tracer_provider: Any
     meter_provider: Any
     uninstrument: list[Any]
-    holders: Any
 
 
 def instrument(app: FastAPI, engine: AsyncEngine, settings: Settings) -> Telemetry:
@@ -311,14 +313,11 @@ def instrument(app: FastAPI, engine: AsyncEngine, settings: Settings) -> Telemet
         app,
         tracer_provider=tracer_provider,
         meter_provider=meter_provider,
-        excluded_urls="metrics,healthz,debug",
+        excluded_urls="metrics,healthz,_debug",
     )
-    telemetry = Telemetry(registry, tracer_provider, meter_provider, [], None)
+    telemetry = Telemetry(registry, tracer_provider, meter_provider, [])
     try:
-        from opentelemetry.instrumentation.sqlalchemy_pool import (
-            SQLAlchemyPoolInstrumentor,
-            holders,
-        )
+        from opentelemetry.instrumentation.sqlalchemy_pool import SQLAlchemyPoolInstrumentor
     except ImportError as exc:  # the instrumentor is the point of the demo, but stay up
         _logger.warning("SQLAlchemy pool instrumentation unavailable: %s", exc)
     else:
@@ -334,7 +333,6 @@ def instrument(app: FastAPI, engine: AsyncEngine, settings: Settings) -> Telemet
             set_application_name=True,
         )
         telemetry.uninstrument.append(pool_instrumentor)
-        telemetry.holders = holders
     if settings.sqlalchemy_spans:
         # Query spans from the official instrumentor; its dependency check predates
         # SQLAlchemy 2.1, which it handles fine.
@@ -411,10 +409,8 @@ def create_app(
     if telemetry:
         app.state.telemetry = instrument(app, engine, settings)
         app.state.registry = app.state.telemetry.registry
-        app.state.holders = app.state.telemetry.holders
     else:
         from prometheus_client import CollectorRegistry
 
         app.state.registry = CollectorRegistry()
-        app.state.holders = None
     return app

@@ -33,11 +33,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from sqlalchemy_pool_tools.demo import DATABASE_URL_ENV, HOLDERS_PATH
 from sqlalchemy_pool_tools.errors import UserError
 
 SCENARIO_NAMES = ("leaky", "fixed", "undersized")
@@ -92,12 +93,13 @@ class Scenario:
 
 # The leaky and fixed runs share pool and load so the comparison is fair. Half of the
 # requests are reports (~10/s); in the leaky build each keeps a connection 1.5 s after its
-# response: 15 connections' worth of holding, more than the 10 the pool has. No overflow: overflow connections are opened
-# and closed under load, and that connect time would blur the fixed build's wait figures.
-# The undersized pool is busy running real (short) queries: no idle holding, just not enough
-# connections for 20 concurrent requests. Loads stay modest: wrk, PostgreSQL and the app
-# share 2 cores, and an instrumented async request costs ~10 ms of CPU on a small VM; a
-# starved event loop would make even correct code look like it holds connections idle.
+# response: 15 connections' worth of holding, more than the 10 the pool has. No overflow:
+# overflow connections are opened and closed under load, and that connect time would blur
+# the fixed build's wait figures. The undersized pool is busy running real (short) queries:
+# no idle holding, just not enough connections for 20 concurrent requests. Loads stay
+# modest: wrk, PostgreSQL and the app share 2 cores, and an instrumented async request costs
+# ~10 ms of CPU on a small VM; a starved event loop would make even correct code look like
+# it holds connections idle.
 SCENARIOS: dict[str, Scenario] = {
     "leaky": Scenario(
         name="leaky",
@@ -176,13 +178,15 @@ class Progress:
         else:
             self.stream.write(f"{self._stamp()} {text}\n")
         self.stream.flush()
-        ok = False
+        outcome = "failed"
         try:
             yield
-            ok = True
+            outcome = f"done ({time.monotonic() - t0:.1f} s)"
+        except KeyboardInterrupt:
+            outcome = "interrupted"
+            raise
         finally:
             if self.tty and self._open:
-                outcome = f"done ({time.monotonic() - t0:.1f} s)" if ok else "failed"
                 self.stream.write(outcome + "\n")
                 self.stream.flush()
                 self._open = False
@@ -223,17 +227,25 @@ class AppProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def _spawn(self) -> None:
+        if self.fixed_port:
+            # Something else answering /healthz on this port must not pass for our app.
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind(("127.0.0.1", self.fixed_port))
+                except OSError:
+                    raise UserError(f"port {self.fixed_port} is already in use") from None
         self.port = self.fixed_port or free_port()
         command = [
             sys.executable,
             "-m",
             "sqlalchemy_pool_tools.demo.server",
-            "--database-url",
-            self.database_url,
             "--port",
             str(self.port),
             *self.args,
         ]
+        # The URL (maybe with a password) goes through the environment, not the command line
+        # that every `ps` shows.
+        env = dict(os.environ, **{DATABASE_URL_ENV: self.database_url})
         with open(self.log_path, "ab") as log:
             # start_new_session: Ctrl-C in the terminal reaches only us; we stop the app.
             self.proc = subprocess.Popen(
@@ -241,6 +253,7 @@ class AppProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                env=env,
                 start_new_session=True,
             )
 
@@ -379,7 +392,7 @@ def code_site(record: dict[str, Any]) -> str | None:
 
 
 class HoldersSampler:
-    """Polls the app's ``/debug/pool/holders`` and tallies the code sites seen holding."""
+    """Polls the app's holders route and tallies the code sites seen holding connections."""
 
     def __init__(self, url: str, interval_s: float = 1.0) -> None:
         self.url = url
@@ -392,11 +405,14 @@ class HoldersSampler:
 
     def _take(self, client: Any) -> None:
         try:
-            records = client.get(self.url).json()
+            data = client.get(self.url).json()
         except Exception:
             return  # best effort: the figures that matter come from /metrics
-        if not isinstance(records, list):
+        # {"pools": {name: [holder, ...]}} from the instrumentor's holders app.
+        pools = data.get("pools") if isinstance(data, dict) else None
+        if not isinstance(pools, dict):
             return
+        records = [r for rows in pools.values() if isinstance(rows, list) for r in rows]
         self.samples += 1
         self.max_holders = max(self.max_holders, len(records))
         for record in records:
@@ -631,14 +647,11 @@ def run_scenario(
     log_dir: Path,
     progress: Progress,
     tool: str = "auto",
-    register_app: Callable[[AppProcess | None], None] | None = None,
 ) -> ScenarioResult:
     """Fresh app, short warm-up, bounded load with metrics/holders/doctor sampling, stop."""
     from sqlalchemy_pool_tools.loadtest import run_load
 
     app = AppProcess(database_url, scenario.app_args(), log_dir)
-    if register_app:
-        register_app(app)
     try:
         with progress.phase(f"{scenario.name}: starting the app ({scenario.describe()})"):
             app.start()
@@ -647,7 +660,7 @@ def run_scenario(
         with progress.phase(f"{scenario.name}: load for {duration_s:g} s"):
             # Every scrape costs the app CPU: sample once a second, not faster.
             doctor = DoctorRun(app.url + "/metrics", duration_s + drain_s, interval_s=1.0)
-            holders = HoldersSampler(app.url + "/debug/pool/holders", interval_s=1.0)
+            holders = HoldersSampler(app.url + HOLDERS_PATH, interval_s=1.0)
             doctor.start()
             holders.start()
             load = None
@@ -681,8 +694,6 @@ def run_scenario(
         return result
     finally:
         app.stop()
-        if register_app:
-            register_app(None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -703,6 +714,7 @@ def format_scenario(result: ScenarioResult) -> str:
         f"socket {load.connect_errors + load.read_errors + load.write_errors:,})",
     ]
     pool = result.pool
+    sites = result.holders.get("top_sites") or []
     if pool is None:
         lines.append("   pool         no pool metrics (is the instrumentor installed?)")
     else:
@@ -712,7 +724,9 @@ def format_scenario(result: ScenarioResult) -> str:
                 f"   outlived     {pool.leaks['outlived_response']:.0f} sessions still held "
                 "a connection after their response was sent"
             )
-    sites = result.holders.get("top_sites") or []
+            parked = [site["site"] for site in sites if site.get("idle_in_transaction")]
+            if parked:
+                lines.append(f"                idle in a transaction at: {'; '.join(parked[:2])}")
     if sites:
         lines.append("   holders      (code sites seen holding connections during the load)")
         for site in sites[:3]:
@@ -842,31 +856,21 @@ def run(args: argparse.Namespace) -> int:
     if args.serve and not 1 <= args.port <= 65535:
         raise UserError("--port must be between 1 and 65535")
     progress = Progress(enabled=True)
-    current: dict[str, AppProcess | None] = {"app": None}
-
-    def register_app(app: AppProcess | None) -> None:
-        current["app"] = app
-
-    with _terminate_on_sigterm(), tempfile.TemporaryDirectory(prefix="sqla-pool-demo-") as tmp:
-        try:
-            with demo_database(progress) as (database_url, source):
-                if args.serve:
-                    return serve(database_url, args.build, args.port, Path(tmp), progress)
-                results: dict[str, ScenarioResult] = {}
-                for name in args.scenario or SCENARIO_NAMES:
-                    results[name] = run_scenario(
-                        SCENARIOS[name],
-                        database_url,
-                        duration_s,
-                        Path(tmp),
-                        progress,
-                        tool=args.tool,
-                        register_app=register_app,
-                    )
-        finally:
-            app = current["app"]
-            if app is not None:
-                app.stop()
+    # Cleanup is layered: each app process is stopped by run_scenario/serve, the database by
+    # demo_database, the log directory by TemporaryDirectory -- on errors and Ctrl-C alike.
+    with (
+        _terminate_on_sigterm(),
+        tempfile.TemporaryDirectory(prefix="sqla-pool-demo-") as tmp,
+        demo_database(progress) as (database_url, source),
+    ):
+        if args.serve:
+            return serve(database_url, args.build, args.port, Path(tmp), progress)
+        results = {
+            name: run_scenario(
+                SCENARIOS[name], database_url, duration_s, Path(tmp), progress, args.tool
+            )
+            for name in args.scenario or SCENARIO_NAMES
+        }
     if args.json:
         print(report_json(results, source, duration_s))
     else:
@@ -883,7 +887,7 @@ def serve(database_url: str, build: str, port: int, log_dir: Path, progress: Pro
             app.start()
         print(f"app:      {app.url}  (build {build}; routes /orders, /orders/report)")
         print(f"metrics:  {app.url}/metrics")
-        print(f"holders:  {app.url}/debug/pool/holders")
+        print(f"holders:  {app.url}{HOLDERS_PATH}  (sqlalchemy-pool holders URL)")
         print("Prometheus scrape config:")
         print("  - job_name: sqlalchemy-pool-demo")
         print(f"    static_configs: [{{targets: ['127.0.0.1:{port}']}}]")

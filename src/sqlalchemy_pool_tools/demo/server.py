@@ -3,6 +3,8 @@
     python -m sqlalchemy_pool_tools.demo.server --database-url postgresql://... \\
         --build leaky --port 8000 [--init-db]
 
+(or the URL in $SQLALCHEMY_POOL_DEMO_DATABASE_URL, which keeps a password off ``ps``).
+
 Used by ``sqlalchemy-pool demo`` (one subprocess per scenario) and handy on its own.
 """
 
@@ -14,12 +16,17 @@ import os
 import sys
 from collections.abc import Sequence
 
+from sqlalchemy_pool_tools.demo import DATABASE_URL_ENV
 from sqlalchemy_pool_tools.demo.app import BUILDS
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m sqlalchemy_pool_tools.demo.server")
-    parser.add_argument("--database-url", required=True, help="postgresql:// URL")
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get(DATABASE_URL_ENV),
+        help=f"postgresql:// URL (default: ${DATABASE_URL_ENV})",
+    )
     parser.add_argument("--build", choices=BUILDS, default="fixed")
     parser.add_argument("--host", default="127.0.0.1", help="loopback address to bind")
     parser.add_argument("--port", type=int, default=8000)
@@ -36,6 +43,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--init-db", action="store_true", help="create tables and data first")
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
+    if not args.database_url:
+        parser.error(f"--database-url (or ${DATABASE_URL_ENV}) is required")
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
     except ValueError:

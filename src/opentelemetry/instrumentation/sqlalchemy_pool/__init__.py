@@ -70,12 +70,10 @@ class SQLAlchemyPoolInstrumentor(BaseInstrumentor):
 
     def _instrument(self, **kwargs: Any) -> None:
         config = load_config({k: v for k, v in kwargs.items() if k in _OPTION_NAMES})
-        meter = get_meter(
-            __name__, __version__, kwargs.get("meter_provider"), schema_url=_SCHEMA_URL
-        )
-        tracer = trace.get_tracer(
-            __name__, __version__, kwargs.get("tracer_provider"), schema_url=_SCHEMA_URL
-        )
+        meter_provider = _provider(kwargs, "meter_provider", "get_meter")
+        tracer_provider = _provider(kwargs, "tracer_provider", "get_tracer")
+        meter = get_meter(__name__, __version__, meter_provider, schema_url=_SCHEMA_URL)
+        tracer = trace.get_tracer(__name__, __version__, tracer_provider, schema_url=_SCHEMA_URL)
         engines = _engines_from(kwargs)
         registry_box: list[PoolRegistry] = []
 
@@ -131,20 +129,47 @@ _OPTION_NAMES = frozenset(option.name for option in OPTIONS)
 
 
 def _engines_from(kwargs: dict[str, Any]) -> list[Any] | None:
-    engines: list[Any] = []
+    """The Engine/AsyncEngine objects given; anything else is ignored with one warning
+    (naming the argument, never echoing the value: it may be a URL with a password)."""
+    candidates: list[tuple[str, Any]] = []
     if kwargs.get("engine") is not None:
-        engines.append(kwargs["engine"])
-    if kwargs.get("engines"):
-        engines.extend(kwargs["engines"])
-    if not engines:
-        return None
-    for engine in engines:
-        sync_engine = getattr(engine, "sync_engine", engine)
-        if not hasattr(sync_engine, "pool"):
-            raise TypeError(
-                f"engine must be a SQLAlchemy Engine or AsyncEngine, not {type(engine).__name__}"
+        candidates.append(("engine", kwargs["engine"]))
+    many = kwargs.get("engines")
+    if many is not None:
+        if _is_engine(many) or not isinstance(many, (list, tuple, set, frozenset)):
+            candidates.append(("engines", many))
+        else:
+            candidates.extend(("engines", engine) for engine in many)
+    engines = []
+    for argument, engine in candidates:
+        if _is_engine(engine):
+            engines.append(engine)
+        else:
+            _logger.warning(
+                "opentelemetry-instrumentation-sqlalchemy-pool: invalid %s= (a %s, not a "
+                "SQLAlchemy Engine or AsyncEngine); ignored",
+                argument,
+                type(engine).__name__,
             )
-    return engines
+    return engines or None
+
+
+def _is_engine(obj: Any) -> bool:
+    return hasattr(getattr(obj, "sync_engine", obj), "pool")
+
+
+def _provider(kwargs: dict[str, Any], argument: str, method: str) -> Any:
+    """``kwargs[argument]`` if it is a provider, else None (the global one) and a warning."""
+    provider = kwargs.get(argument)
+    if provider is not None and not callable(getattr(provider, method, None)):
+        _logger.warning(
+            "opentelemetry-instrumentation-sqlalchemy-pool: invalid %s= (a %s); using the "
+            "global provider",
+            argument,
+            type(provider).__name__,
+        )
+        return None
+    return provider
 
 
 class _PgActivity:

@@ -128,13 +128,13 @@ class Telemetry:
         meter.create_observable_gauge(
             semconv.CONFIG_PRE_PING,
             [self._observer(lambda r: int(r.pre_ping))],
-            unit="1",
+            unit="{bool}",
             description="pool_pre_ping: 1 when connections are tested on checkout.",
         )
         meter.create_observable_gauge(
             semconv.SESSIONS_EXPIRE_ON_COMMIT,
             [self._observe_expire_on_commit],
-            unit="1",
+            unit="{bool}",
             description="1 when an AsyncSession on this pool was created with "
             "expire_on_commit=True.",
         )

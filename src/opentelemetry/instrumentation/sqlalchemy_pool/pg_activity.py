@@ -578,7 +578,10 @@ class PgActivitySampler:
         self.driver: str | None = None
         try:
             parsed = make_url(url)
-            self.redacted_url = parsed.render_as_string(hide_password=True)
+            # The query string may carry secrets too (sslpassword, passfile, ...): keep only
+            # the host (a unix socket directory) and port.
+            shown = {k: v for k, v in parsed.query.items() if k in ("host", "port")}
+            self.redacted_url = parsed.set(query=shown).render_as_string(hide_password=True)
             self._secrets = (parsed.password,) if parsed.password else ()
             if parsed.get_backend_name() != "postgresql":
                 raise _SampleError(f"not a PostgreSQL URL (backend {parsed.get_backend_name()!r})")

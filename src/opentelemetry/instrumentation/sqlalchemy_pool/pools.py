@@ -18,7 +18,7 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from time import perf_counter
+from time import perf_counter, time
 from typing import Any
 
 from sqlalchemy import event, exc
@@ -163,7 +163,7 @@ class PoolRecorder:
         if self.is_queue:
             # Records in the queue that still hold an open DBAPI connection (an invalidated
             # record goes back to the queue empty and reconnects on its next checkout).
-            queue = getattr(getattr(pool, "_pool", None), "queue", None)
+            queue = _queued(pool)
             if queue is None:
                 return max(0, pool.checkedin())
             return sum(1 for record in list(queue) if record.dbapi_connection is not None)
@@ -304,6 +304,7 @@ class PoolRegistry:
             self._listen(target, "before_cursor_execute", self._before_cursor_execute)
             self._listen(target, "after_cursor_execute", self._after_cursor_execute)
             self._listen(target, "handle_error", self._on_statement_error)
+            self._listen(target, "engine_disposed", self._on_engine_disposed)
 
     def _listen(self, target: Any, name: str, fn: Callable[..., Any]) -> None:
         event.listen(target, name, fn)
@@ -355,6 +356,7 @@ class PoolRegistry:
             if recorder is not None:
                 recorder.set_pool(pool)
             else:
+                self.recorders()  # forgets pools that are gone: their names are free again
                 recorder = PoolRecorder(pool, self._name_for(pool, url))
                 self._recorders[id(recorder)] = recorder
                 for callback in self.on_new_recorder:
@@ -437,6 +439,19 @@ class PoolRegistry:
                 alive.append(recorder)
             return alive
 
+    def _on_engine_disposed(self, engine: Any) -> None:
+        # dispose() swapped in a new pool: hand it the recorder now, so that the pool stays
+        # visible (0 used) and keeps its recorder until its first checkout.
+        try:
+            pool = engine.pool
+            if pool.__dict__.get(POOL_RECORDER_ATTR) is None:
+                with self._lock:
+                    known = self._find_previous_generation(_creator_key(pool)) is not None
+                if known:
+                    self.adopt(pool)
+        except Exception:
+            _log_hook_error("engine_disposed")
+
     # -- pool event listeners (class level; must never raise) ---------------------------------
     def _on_connect(self, dbapi_connection: Any, record: Any) -> None:
         try:
@@ -508,7 +523,13 @@ class PoolRegistry:
             reason = record.__dict__.pop(CLOSE_REASON_ATTR, None)
             if reason is None:
                 if HOLD_ATTR in record.__dict__:
-                    reason = semconv.CLOSE_REASON_RECYCLE  # closed while being checked out
+                    # Closed while being checked out: too old (pool_recycle), or stale after
+                    # a pool-wide invalidation (SQLAlchemy does one after each disconnect).
+                    recycle = recorder.recycle
+                    too_old = recycle > -1 and time() - record.starttime > recycle
+                    reason = semconv.CLOSE_REASON_RECYCLE
+                    if not too_old:
+                        reason = semconv.CLOSE_REASON_INVALIDATED
                 elif recorder.is_null:
                     reason = semconv.CLOSE_REASON_NULLPOOL
                 elif _queue_full(recorder):
@@ -584,9 +605,18 @@ def _queue_full(recorder: PoolRecorder) -> bool:
     return bool(full()) if callable(full) else False
 
 
+def _queued(pool: Pool) -> Any:
+    """The idle records of a QueuePool (a deque), or None; AsyncAdaptedQueue included."""
+    queue = getattr(pool, "_pool", None)
+    items = getattr(queue, "queue", None)
+    if items is None and queue is not None:  # AsyncAdaptedQueue: a lazily created asyncio.Queue
+        items = getattr(queue.__dict__.get("_queue"), "_queue", None)
+    return items
+
+
 def _pool_records(pool: Pool) -> Iterator[Any]:
     """Connection records a pool currently keeps (idle ones), for tagging and cleanup."""
-    queue = getattr(getattr(pool, "_pool", None), "queue", None)
+    queue = _queued(pool)
     if queue is not None:
         yield from list(queue)
     all_conns = getattr(pool, "_all_conns", None)

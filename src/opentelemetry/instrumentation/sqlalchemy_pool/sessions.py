@@ -287,12 +287,14 @@ class SessionTracking:
             or tracker.garbage_collected
             or duration >= self.config.session_span_threshold_s
         )
-        if mode == SESSION_SPANS_ALL or (mode != SESSION_SPANS_NONE and anomalous):
-            self._emit_span(tracker, recorder, duration, outcome)
-        flagged = tracker.flagged_outlived
-        tracker._reset_period()
-        # A session keeps its "outlived" flag across periods: it stays a leak suspect.
-        tracker.flagged_outlived = flagged
+        try:
+            if mode == SESSION_SPANS_ALL or (mode != SESSION_SPANS_NONE and anomalous):
+                self._emit_span(tracker, recorder, duration, outcome)
+        finally:  # even if a span processor raised: the next period starts from zero
+            flagged = tracker.flagged_outlived
+            tracker._reset_period()
+            # A session keeps its "outlived" flag across periods: it stays a leak suspect.
+            tracker.flagged_outlived = flagged
 
     def _emit_span(
         self, tracker: SessionTracker, recorder: PoolRecorder, duration: float, outcome: str

@@ -49,13 +49,17 @@ class WaitTimer:
         self.telemetry = telemetry
         self.tracer = tracer
         self.forensics = forensics
+        self._original_codes: set[Any] = set()
 
     def wrap(self, original: Callable[[Any], Any], registry: PoolRegistry) -> Callable[[Any], Any]:
         wait_time = self.telemetry.wait_time
         threshold = self.config.wait_span_threshold_s
         capture_site = self.config.capture_code_site
         get_context = otel_context.get_current
-        original_code = original.__code__
+        # Codes of every wrapped original: QueuePool._do_get retries by calling itself, and a
+        # pool subclass's _do_get may call super()._do_get(); only the outermost call is timed.
+        inner_codes = self._original_codes
+        inner_codes.add(original.__code__)
         adopt = registry.adopt
         slow_wait = self._slow_wait
         timed_out = self._timed_out
@@ -64,8 +68,7 @@ class WaitTimer:
             recorder = pool.__dict__.get(POOL_RECORDER_ATTR)
             if recorder is None:
                 recorder = adopt(pool)
-            # QueuePool._do_get retries by calling itself: time only the outermost call.
-            if recorder is False or sys._getframe(1).f_code is original_code:
+            if recorder is False or sys._getframe(1).f_code in inner_codes:
                 return original(pool)
             waiters = recorder.waiters
             used_before = len(recorder.holders)
