@@ -21,19 +21,15 @@ from sqlalchemy_pool_tools.errors import UserError
 
 PROG = "sqlalchemy-pool"
 
-# Sub-command modules in help order: command name -> candidate modules, the first that
-# imports wins (benchmarks may live inside the package or beside it in a source checkout).
+# Sub-command modules in help order: command name -> candidate modules (the first that
+# imports wins).
 COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "demo": ("sqlalchemy_pool_tools.demo.runner",),
     "loadtest": ("sqlalchemy_pool_tools.loadtest",),
     "doctor": ("sqlalchemy_pool_tools.doctor.cli",),
     "pg-activity": ("sqlalchemy_pool_tools.pg_activity_cli",),
     "holders": ("sqlalchemy_pool_tools.holders_cli",),
-    "benchmarks": (
-        "sqlalchemy_pool_tools.benchmarks",
-        "sqlalchemy_pool_tools.benchmarks.cli",
-        "benchmarks",
-    ),
+    "benchmarks": ("sqlalchemy_pool_tools.benchmarks_cli",),
 }
 
 
@@ -54,7 +50,7 @@ def _import_first(candidates: Sequence[str]) -> tuple[object | None, str | None]
         except ModuleNotFoundError as exc:
             # Only "this very module (or its package) does not exist" is silent; a missing
             # dependency *inside* an existing module is worth reporting.
-            if exc.name is not None and name.startswith(exc.name):
+            if exc.name is not None and (name == exc.name or name.startswith(exc.name + ".")):
                 continue
             problem = f"{name}: {exc}"
         except Exception as exc:  # a broken tool must not break the whole CLI

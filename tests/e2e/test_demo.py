@@ -157,6 +157,17 @@ def test_demo_databases_are_dropped(
     assert _demo_databases(pg_server_url) <= databases_before
 
 
+def _stop(proc: subprocess.Popen[str]) -> None:
+    """After a failed assertion: Ctrl-C first so the demo cleans up, then kill."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def _start_demo(argv: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "sqlalchemy_pool_tools", "demo", *argv],
@@ -204,9 +215,7 @@ def test_serve_runs_until_ctrl_c_and_cleans_up(
             proc.send_signal(signal.SIGINT)
             assert proc.wait(timeout=30) == 0
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            _stop(proc)
         assert "Traceback" not in (proc.stderr.read() if proc.stderr else "")
         with pytest.raises(httpx.ConnectError):
             probe.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
@@ -229,8 +238,6 @@ def test_interrupt_during_a_scenario_exits_130_and_cleans_up(
         assert proc.wait(timeout=30) == 130
         rest = proc.stderr.read()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
     assert "Traceback" not in rest
     assert _demo_databases(pg_server_url) <= databases_before

@@ -440,8 +440,8 @@ def test_mass_invalidation_while_checked_out(otel, hook_errors, make_sync_engine
     assert gauges(otel, "f-inval")["used"] == 5 == engine.pool.checkedout()
     assert counter(otel, "sqlalchemy.pool.connection.closes", "f-inval") == 5
 
-    # engine.dispose() while all five are out: they stay used (they belong to the old pool,
-    # whose checkedout() still counts them), the new pool has none out.
+    # engine.dispose() while all five are out: they stay used (they belong to the old pool
+    # and go back to it), the new pool has none out.
     old_pool = engine.pool
     engine.dispose()
     figures = gauges(otel, "f-inval")

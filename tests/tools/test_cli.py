@@ -157,6 +157,8 @@ def test_missing_module_is_skipped_and_broken_one_is_explained(
     monkeypatch: pytest.MonkeyPatch, tmp_path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (tmp_path / "broken_tool.py").write_text("import no_such_dependency_xyz\n")
+    # A missing dependency whose name is a prefix of the module's own name is still reported.
+    (tmp_path / "toolx_cli.py").write_text("import toolx\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(
         cli,
@@ -165,6 +167,7 @@ def test_missing_module_is_skipped_and_broken_one_is_explained(
             "loadtest": ("sqlalchemy_pool_tools.loadtest",),
             "absent": ("sqlalchemy_pool_tools.no_such_module",),
             "broken": ("broken_tool",),
+            "toolx": ("toolx_cli",),
         },
     )
     assert cli.main(["--help"]) == 0
@@ -172,6 +175,7 @@ def test_missing_module_is_skipped_and_broken_one_is_explained(
     assert "loadtest" in out
     assert "absent" not in out
     assert "broken" in out and "unavailable" in out
+    assert "toolx" in out
     assert cli.main(["broken"]) == 2
     err = capsys.readouterr().err
     assert_one_line_error(err)

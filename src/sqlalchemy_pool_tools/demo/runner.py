@@ -85,8 +85,10 @@ class Scenario:
             str(self.slow_io_ms),
         ]
 
-    def describe(self) -> str:
+    def describe(self, with_load: bool = True) -> str:
         pool = f"pool {self.pool_size}+{self.max_overflow}, timeout {self.pool_timeout:g} s"
+        if not with_load:
+            return f"{self.build} build, {pool}"
         rate = f", ~{self.rate:g} req/s" if self.rate else ""
         return f"{self.build} build, {pool}; {self.connections} connections{rate}"
 
@@ -241,6 +243,7 @@ class AppProcess:
             "sqlalchemy_pool_tools.demo.server",
             "--port",
             str(self.port),
+            "--exit-with-parent",
             *self.args,
         ]
         # The URL (maybe with a password) goes through the environment, not the command line
@@ -883,7 +886,7 @@ def serve(database_url: str, build: str, port: int, log_dir: Path, progress: Pro
     scenario = SCENARIOS["leaky" if build == "leaky" else "fixed"]
     app = AppProcess(database_url, scenario.app_args(), log_dir, port=port)
     try:
-        with progress.phase(f"starting the app ({scenario.describe()})"):
+        with progress.phase(f"starting the app ({scenario.describe(with_load=False)})"):
             app.start()
         print(f"app:      {app.url}  (build {build}; routes /orders, /orders/report)")
         print(f"metrics:  {app.url}/metrics")

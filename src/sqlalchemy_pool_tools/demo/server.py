@@ -13,7 +13,10 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Sequence
 
 from sqlalchemy_pool_tools.demo import DATABASE_URL_ENV
@@ -42,6 +45,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sqlalchemy-spans", action="store_true")
     parser.add_argument("--init-db", action="store_true", help="create tables and data first")
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument(
+        "--exit-with-parent", action="store_true", help="stop when the starting process dies"
+    )
     args = parser.parse_args(argv)
     if not args.database_url:
         parser.error(f"--database-url (or ${DATABASE_URL_ENV}) is required")
@@ -54,6 +60,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def exit_with_parent() -> None:
+    """The demo runner starts the app in a session of its own (a terminal Ctrl-C reaches only
+    the runner, which then stops the app); should the runner be killed outright, the app
+    must not outlive it. SIGTERM lets uvicorn shut down gracefully."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     # Stable HTTP semantic conventions: http.server.request.duration by http.route (the
@@ -63,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from sqlalchemy_pool_tools.demo.app import create_app, create_schema
 
+    if args.exit_with_parent:
+        exit_with_parent()
     if args.init_db:
         create_schema(args.database_url)
     app = create_app(

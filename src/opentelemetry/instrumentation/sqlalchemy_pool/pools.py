@@ -109,6 +109,7 @@ class PoolRecorder:
         self._route_attrs: dict[str, dict[str, Any]] = {}
         # True/False once an AsyncSession used this pool (expire_on_commit review), else None.
         self.async_expire_on_commit: bool | None = None
+        self.engine_ref: weakref.ref[Any] | None = None  # set once its engine was disposed
         self.set_pool(pool)
 
     def set_pool(self, pool: Pool) -> None:
@@ -432,7 +433,9 @@ class PoolRegistry:
         with self._lock:
             alive = []
             for key, recorder in list(self._recorders.items()):
-                if recorder.pool_ref() is None and not recorder.holders and not recorder.waiters:
+                gone = recorder.pool_ref() is None and not recorder.holders
+                engine = recorder.engine_ref() if recorder.engine_ref is not None else None
+                if gone and not recorder.waiters and engine is None:
                     del self._recorders[key]
                     self._names_in_use.discard(recorder.name)
                     continue
@@ -440,15 +443,13 @@ class PoolRegistry:
             return alive
 
     def _on_engine_disposed(self, engine: Any) -> None:
-        # dispose() swapped in a new pool: hand it the recorder now, so that the pool stays
-        # visible (0 used) and keeps its recorder until its first checkout.
+        # dispose() swapped in a new pool, adopted at its first checkout: while the engine
+        # lives, keep its recorder (the pool stays visible, 0 used, and keeps its state).
         try:
-            pool = engine.pool
-            if pool.__dict__.get(POOL_RECORDER_ATTR) is None:
-                with self._lock:
-                    known = self._find_previous_generation(_creator_key(pool)) is not None
-                if known:
-                    self.adopt(pool)
+            with self._lock:
+                recorder = self._find_previous_generation(_creator_key(engine.pool))
+                if recorder is not None:
+                    recorder.engine_ref = weakref.ref(engine)
         except Exception:
             _log_hook_error("engine_disposed")
 
@@ -525,7 +526,7 @@ class PoolRegistry:
                 if HOLD_ATTR in record.__dict__:
                     # Closed while being checked out: too old (pool_recycle), or stale after
                     # a pool-wide invalidation (SQLAlchemy does one after each disconnect).
-                    recycle = recorder.recycle
+                    recycle = getattr(recorder.pool_ref(), "_recycle", recorder.recycle)
                     too_old = recycle > -1 and time() - record.starttime > recycle
                     reason = semconv.CLOSE_REASON_RECYCLE
                     if not too_old:
