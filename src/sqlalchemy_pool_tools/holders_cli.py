@@ -22,7 +22,9 @@ def register(subparsers: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("url", help="the app's holders route, e.g. http://127.0.0.1:8000/_debug/pool-holders")
+    parser.add_argument(
+        "url", help="the app's holders route, e.g. http://127.0.0.1:8000/_debug/pool-holders"
+    )
     parser.add_argument("--json", action="store_true", help="print the raw JSON")
     parser.add_argument("--timeout", type=float, default=5.0, help="HTTP timeout in seconds")
     parser.set_defaults(func=run)
@@ -50,7 +52,9 @@ def render(pools: dict[str, list[dict[str, Any]]]) -> str:
     for pool, rows in pools.items():
         lines.append(f"pool {pool}: {len(rows)} connection(s) held")
         if rows:
-            lines.append(f"  {'age':>8}  {'stmts':>5}  {'idle-in-tx':>10}  {'route':<24}  code site")
+            lines.append(
+                f"  {'age':>8}  {'stmts':>5}  {'idle-in-tx':>10}  {'route':<24}  code site"
+            )
         for row in rows:
             lines.append(
                 f"  {row['age_s']:>7.2f}s  {row['statements']:>5}  "

@@ -7,11 +7,11 @@ import threading
 
 import pytest
 import sqlalchemy as sa
+from tests.uvicorn_thread import UvicornThread
 
 from opentelemetry.instrumentation.sqlalchemy_pool.holders import make_asgi_app
 from sqlalchemy_pool_tools import holders_cli
 from sqlalchemy_pool_tools.errors import UserError
-from tests.uvicorn_thread import UvicornThread
 
 
 def hold_one(engine, ready, release):

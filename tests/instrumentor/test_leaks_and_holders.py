@@ -16,7 +16,10 @@ LEAK = "sqlalchemy.pool.leaks"
 
 
 def _leaks(otel, pool, kind):
-    return otel.value(LEAK, db__client__connection__pool__name=pool, sqlalchemy__pool__leak__kind=kind) or 0
+    return (
+        otel.value(LEAK, db__client__connection__pool__name=pool, sqlalchemy__pool__leak__kind=kind)
+        or 0
+    )
 
 
 def _wait_for(predicate, timeout=5.0):
@@ -46,7 +49,9 @@ def test_long_hold_reported_once_while_held(otel, make_sync_engine, caplog):
         assert len(events) == 1
         assert events[0].attributes["code.function.name"] == "take_and_hold"
         conn.close()
-    warning = [r for r in caplog.records if r.levelno == logging.WARNING and "still held" in r.getMessage()]
+    warning = [
+        r for r in caplog.records if r.levelno == logging.WARNING and "still held" in r.getMessage()
+    ]
     assert len(warning) == 1
     assert "'hold'" in warning[0].getMessage() and "take_and_hold" in warning[0].getMessage()
     assert any("was returned after" in r.getMessage() for r in caplog.records)
@@ -108,7 +113,9 @@ def busy_holder(engine, started, release):  # the holder's code site
 
 def test_timeout_wait_span_links_to_holders_and_logs_once(otel, make_sync_engine, caplog):
     otel.instrument()
-    engine = make_sync_engine(pool_size=2, max_overflow=0, pool_timeout=0.2, pool_logging_name="forensics")
+    engine = make_sync_engine(
+        pool_size=2, max_overflow=0, pool_timeout=0.2, pool_logging_name="forensics"
+    )
     tracer = otel.tracer_provider.get_tracer("t")
     release = threading.Event()
     holder_spans = []

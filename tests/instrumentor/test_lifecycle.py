@@ -21,7 +21,10 @@ def _pool_attr(name: str) -> dict[str, str]:
 
 
 def test_uninstrument_removes_every_hook(otel, make_sync_engine):
-    originals = {cls: cls.__dict__["_do_get"] for cls in (QueuePool, NullPool, StaticPool, SingletonThreadPool)}
+    originals = {
+        cls: cls.__dict__["_do_get"]
+        for cls in (QueuePool, NullPool, StaticPool, SingletonThreadPool)
+    }
     engine = make_sync_engine(pool_logging_name="gone")
     otel.instrument()
     with engine.connect() as conn:
@@ -69,7 +72,9 @@ def test_user_listeners_keep_working_and_order(otel, make_sync_engine):
 
 
 def test_exact_under_threads(otel, make_sync_engine):
-    engine = make_sync_engine(pool_size=3, max_overflow=2, pool_timeout=0.05, pool_logging_name="threads")
+    engine = make_sync_engine(
+        pool_size=3, max_overflow=2, pool_timeout=0.05, pool_logging_name="threads"
+    )
     otel.instrument()
     stop = time.monotonic() + 3
     errors: list[BaseException] = []
@@ -85,7 +90,7 @@ def test_exact_under_threads(otel, make_sync_engine):
             except sa.exc.TimeoutError:
                 with lock:
                     timeouts[0] += 1
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 errors.append(exc)
 
     threads = [threading.Thread(target=worker) for _ in range(8)]
@@ -100,7 +105,9 @@ def test_exact_under_threads(otel, make_sync_engine):
     assert all(0 <= used <= 5 for used, _ in observed if used is not None)
     assert otel.count("threads")[0] == 0
     assert otel.value("db.client.connection.pending_requests", **_pool_attr("threads")) == 0
-    assert (otel.value("db.client.connection.timeouts", **_pool_attr("threads")) or 0) == timeouts[0]
+    assert (otel.value("db.client.connection.timeouts", **_pool_attr("threads")) or 0) == timeouts[
+        0
+    ]
     wait_count = otel.value("db.client.connection.wait_time", **_pool_attr("threads"))
     use_count = otel.value("db.client.connection.use_time", **_pool_attr("threads"))
     assert wait_count == use_count + timeouts[0]
@@ -108,7 +115,9 @@ def test_exact_under_threads(otel, make_sync_engine):
 
 async def test_exact_under_50_tasks(otel, make_async_engine):
     otel.instrument()
-    engine = make_async_engine(pool_size=4, max_overflow=2, pool_timeout=0.2, pool_logging_name="tasks")
+    engine = make_async_engine(
+        pool_size=4, max_overflow=2, pool_timeout=0.2, pool_logging_name="tasks"
+    )
     done = [0]
     timeouts = [0]
     peak = [0]
@@ -193,7 +202,9 @@ def test_opentelemetry_instrument_autoloads(sync_url):
     used = [p["value"] for p in found["db.client.connection.count"]
             if p["attributes"]["db.client.connection.state"] == "used"]  # fmt: skip
     assert used and set(used) == {2}
-    assert found["db.client.connection.wait_time"][0]["attributes"] == {"db.client.connection.pool.name": "auto"}
+    assert found["db.client.connection.wait_time"][0]["attributes"] == {
+        "db.client.connection.pool.name": "auto"
+    }
 
 
 def test_disabled_instrumentations_turns_it_off(sync_url):

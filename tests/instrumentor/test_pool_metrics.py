@@ -10,7 +10,9 @@ POOL = "db.client.connection.pool.name"
 
 
 def test_saturation_timeout_and_recovery(otel, make_sync_engine):
-    engine = make_sync_engine(pool_size=2, max_overflow=1, pool_timeout=0.5, pool_logging_name="orders")
+    engine = make_sync_engine(
+        pool_size=2, max_overflow=1, pool_timeout=0.5, pool_logging_name="orders"
+    )
     otel.instrument()
     held = [engine.connect() for _ in range(3)]
     assert otel.count("orders") == (3, 0)
@@ -23,7 +25,10 @@ def test_saturation_timeout_and_recovery(otel, make_sync_engine):
             pass
         else:
             raise AssertionError("expected a pool timeout")
-    assert otel.value("db.client.connection.timeouts", db__client__connection__pool__name="orders") == 1
+    assert (
+        otel.value("db.client.connection.timeouts", db__client__connection__pool__name="orders")
+        == 1
+    )
     (wait_span,) = otel.spans("sqlalchemy.pool.wait")
     assert wait_span.parent.span_id == request_span.get_span_context().span_id
     assert wait_span.status.status_code.name == "ERROR"
@@ -36,12 +41,20 @@ def test_saturation_timeout_and_recovery(otel, make_sync_engine):
     used, idle = otel.count("orders")
     assert used == 0
     assert idle == 2  # the overflow connection was discarded
-    assert otel.value("db.client.connection.pending_requests", db__client__connection__pool__name="orders") == 0
-    assert otel.value(
-        "sqlalchemy.pool.connection.closes",
-        db__client__connection__pool__name="orders",
-        sqlalchemy__pool__close__reason="overflow",
-    ) == 1
+    assert (
+        otel.value(
+            "db.client.connection.pending_requests", db__client__connection__pool__name="orders"
+        )
+        == 0
+    )
+    assert (
+        otel.value(
+            "sqlalchemy.pool.connection.closes",
+            db__client__connection__pool__name="orders",
+            sqlalchemy__pool__close__reason="overflow",
+        )
+        == 1
+    )
 
 
 def _pool_attr(name: str) -> dict[str, str]:
@@ -115,13 +128,19 @@ def test_name_from_url_without_credentials(otel, make_sync_engine, sync_url):
     engine = make_sync_engine()
     with engine.connect():
         pass
-    (name,) = {p.attributes["db.client.connection.pool.name"] for p in otel.points("db.client.connection.count")}
+    (name,) = {
+        p.attributes["db.client.connection.pool.name"]
+        for p in otel.points("db.client.connection.count")
+    }
     assert name.endswith(f"/{sync_url.database}")
     assert "postgres:" not in name and "@" not in name
     second = make_sync_engine()
     with second.connect():
         pass
-    names = {p.attributes["db.client.connection.pool.name"] for p in otel.points("db.client.connection.count")}
+    names = {
+        p.attributes["db.client.connection.pool.name"]
+        for p in otel.points("db.client.connection.count")
+    }
     assert names == {name, f"{name}#2"}
 
 
@@ -144,7 +163,9 @@ def test_invalidation_recycle_pre_ping_and_detach(otel, make_sync_engine):
     import time
 
     otel.instrument()
-    engine = make_sync_engine(pool_size=3, max_overflow=0, pool_pre_ping=True, pool_logging_name="paths")
+    engine = make_sync_engine(
+        pool_size=3, max_overflow=0, pool_pre_ping=True, pool_logging_name="paths"
+    )
     reason = "sqlalchemy__pool__close__reason"
 
     # invalidation of a checked-out connection
@@ -152,7 +173,12 @@ def test_invalidation_recycle_pre_ping_and_detach(otel, make_sync_engine):
     conn.invalidate()
     conn.close()
     assert otel.count("paths") == (0, 0)
-    assert otel.value("sqlalchemy.pool.connection.closes", **_pool_attr("paths"), **{reason: "invalidated"}) == 1
+    assert (
+        otel.value(
+            "sqlalchemy.pool.connection.closes", **_pool_attr("paths"), **{reason: "invalidated"}
+        )
+        == 1
+    )
 
     # pre-ping failure: the server kills an idle pooled connection
     with engine.connect() as conn:
@@ -164,7 +190,14 @@ def test_invalidation_recycle_pre_ping_and_detach(otel, make_sync_engine):
     time.sleep(0.2)
     with engine.connect() as conn:
         assert conn.exec_driver_sql("select 1").scalar() == 1
-    assert otel.value("sqlalchemy.pool.connection.closes", **_pool_attr("paths"), **{reason: "pre_ping_failed"}) == 1
+    assert (
+        otel.value(
+            "sqlalchemy.pool.connection.closes",
+            **_pool_attr("paths"),
+            **{reason: "pre_ping_failed"},
+        )
+        == 1
+    )
     assert otel.count("paths")[0] == 0
 
     # recycle
@@ -172,7 +205,12 @@ def test_invalidation_recycle_pre_ping_and_detach(otel, make_sync_engine):
     time.sleep(0.1)
     with engine.connect() as conn:
         conn.exec_driver_sql("select 1")
-    assert otel.value("sqlalchemy.pool.connection.closes", **_pool_attr("paths"), **{reason: "recycle"}) >= 1
+    assert (
+        otel.value(
+            "sqlalchemy.pool.connection.closes", **_pool_attr("paths"), **{reason: "recycle"}
+        )
+        >= 1
+    )
     engine.pool._recycle = -1
 
     # detach: the connection leaves the pool, never checks in
@@ -181,7 +219,12 @@ def test_invalidation_recycle_pre_ping_and_detach(otel, make_sync_engine):
     assert otel.count("paths")[0] == 0
     conn.close()
     assert otel.count("paths")[0] == 0
-    assert otel.value("sqlalchemy.pool.connection.closes", **_pool_attr("paths"), **{reason: "detached"}) == 1
+    assert (
+        otel.value(
+            "sqlalchemy.pool.connection.closes", **_pool_attr("paths"), **{reason: "detached"}
+        )
+        == 1
+    )
     assert engine.pool.checkedout() == 0
 
 
@@ -199,7 +242,10 @@ def test_dispose_and_recreate_keep_one_series_and_heal(otel, make_sync_engine):
     used, idle = otel.count("disp")
     assert used == 0
     assert idle == 1  # the new pool keeps the one it opened
-    names = {p.attributes["db.client.connection.pool.name"] for p in otel.points("db.client.connection.count")}
+    names = {
+        p.attributes["db.client.connection.pool.name"]
+        for p in otel.points("db.client.connection.count")
+    }
     assert names == {"disp"}
 
 
@@ -221,11 +267,14 @@ def test_other_pool_classes(otel, sync_url):
             assert used == 0, name
             assert idle == (0 if name == "NullPool" else 1), name
         assert otel.value("db.client.connection.max", **_pool_attr("StaticPool")) == 1
-        assert otel.value(
-            "sqlalchemy.pool.connection.closes",
-            **_pool_attr("NullPool"),
-            sqlalchemy__pool__close__reason="returned",
-        ) == 1
+        assert (
+            otel.value(
+                "sqlalchemy.pool.connection.closes",
+                **_pool_attr("NullPool"),
+                sqlalchemy__pool__close__reason="returned",
+            )
+            == 1
+        )
     finally:
         for engine in engines.values():
             engine.dispose()

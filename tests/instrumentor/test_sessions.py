@@ -1,4 +1,6 @@
-"""Session spans, held-idle time and 'outlived its response' with real FastAPI + uvicorn + asyncpg."""
+"""Session spans, held-idle time and 'outlived its response'.
+
+Real FastAPI + uvicorn + asyncpg."""
 
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ import pytest
 import sqlalchemy as sa
 from fastapi import BackgroundTasks, Depends, FastAPI
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
-
 from tests.uvicorn_thread import UvicornThread
 
 LEAK = "sqlalchemy.pool.leaks"
@@ -88,7 +89,12 @@ def app_server(otel, async_url):
 
 
 def _leaks(otel, kind):
-    return otel.value(LEAK, db__client__connection__pool__name="app", sqlalchemy__pool__leak__kind=kind) or 0
+    return (
+        otel.value(
+            LEAK, db__client__connection__pool__name="app", sqlalchemy__pool__leak__kind=kind
+        )
+        or 0
+    )
 
 
 def _wait_for(predicate, timeout=5.0):
@@ -122,8 +128,14 @@ def test_normal_request_scoped_session(otel, app_server):
 def test_leaky_background_task_is_flagged(otel, app_server, caplog):
     assert httpx.get(f"{app_server.url}/leaky-background").status_code == 200
     assert _wait_for(lambda: _leaks(otel, "outlived_response") == 1)
-    assert _wait_for(lambda: any(s.attributes["sqlalchemy.session.outlived_response"] for s in _session_spans(otel)))
-    flagged = [s for s in _session_spans(otel) if s.attributes["sqlalchemy.session.outlived_response"]]
+    assert _wait_for(
+        lambda: any(
+            s.attributes["sqlalchemy.session.outlived_response"] for s in _session_spans(otel)
+        )
+    )
+    flagged = [
+        s for s in _session_spans(otel) if s.attributes["sqlalchemy.session.outlived_response"]
+    ]
     assert flagged[0].attributes["code.function.name"] == "leaky_background"
     assert "after its HTTP response was sent" in caplog.text
     assert "leaky_background" in caplog.text
@@ -163,7 +175,11 @@ def test_never_closed_session_outlives_response_and_is_garbage_collected(otel, a
     del app_server.app.state.leaked
     assert _wait_for(lambda: (gc.collect() or True) and _leaks(otel, "garbage_collected") == 1)
     assert _wait_for(lambda: otel.count("app")[0] == 0)
-    gc_spans = [s for s in _session_spans(otel) if s.attributes["sqlalchemy.session.outcome"] == "garbage_collected"]
+    gc_spans = [
+        s
+        for s in _session_spans(otel)
+        if s.attributes["sqlalchemy.session.outcome"] == "garbage_collected"
+    ]
     assert len(gc_spans) == 1
     assert gc_spans[0].attributes["code.function.name"] == "never_closed"
     assert gc_spans[0].attributes["sqlalchemy.session.outlived_response"] is True

@@ -11,7 +11,6 @@ from fastapi import FastAPI
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
 from sqlalchemy.ext.asyncio import create_async_engine
-
 from tests.uvicorn_thread import UvicornThread
 
 
@@ -56,8 +55,12 @@ def test_with_official_instrumentors(otel, async_url):
 
     assert otel.count("both") == (0, 1)
     # each checkout recorded exactly once by us
-    assert otel.value("db.client.connection.wait_time", db__client__connection__pool__name="both") == 2
-    assert otel.value("db.client.connection.use_time", db__client__connection__pool__name="both") == 2
+    assert (
+        otel.value("db.client.connection.wait_time", db__client__connection__pool__name="both") == 2
+    )
+    assert (
+        otel.value("db.client.connection.use_time", db__client__connection__pool__name="both") == 2
+    )
     spans = otel.exporter.get_finished_spans()
     server_spans = {s.context.span_id: s for s in spans if s.kind.name == "SERVER"}
     assert len(server_spans) == 2

@@ -12,20 +12,33 @@ Two phases, each measured from a warmed-up steady state (after ``gc.collect()``)
 
 RSS and GC-object deltas cover the whole phase; tracemalloc (slow) covers a trailing window
 only, and names the top allocation sites still alive at its end.
+
+GC modes for the leaked sessions: ``natural`` leaves reclamation to Python's automatic
+collections, which run at any allocation in any thread -- including inside the OTel SDK's
+collection thread while it holds its locks; ``explicit`` disables automatic collection
+during the phase and reclaims each leaked session with ``gc.collect(1)`` in the main thread.
+A stall watchdog turns a hang (no progress for ``stall_s``) into a stack dump of every
+thread on stderr and exit status 3, so a deadlock is reported instead of hanging the suite.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import json
+import os
 import subprocess
 import sys
+import threading
+import time
 import tracemalloc
 import warnings
 from collections import Counter
 from typing import Any
 
 MB = 1024 * 1024
+STALL_EXIT = 3
+_progress = [0]
 
 
 def _rss() -> int:
@@ -39,7 +52,7 @@ def _type_counts() -> Counter[str]:
 
 
 class Phase:
-    """Measures one phase: steady-state snapshot, run, snapshot, tracemalloc window."""
+    """Measures one phase: steady-state snapshot, run, snapshot."""
 
     def __init__(self) -> None:
         gc.collect()
@@ -86,51 +99,77 @@ def _tracemalloc_window(run: Any, n: int) -> dict[str, Any]:
     return {"window": n, "net_kb": net / 1024, "bytes_per_op": net / n if n else 0.0, "top": top}
 
 
+def _start_stall_watchdog(stall_s: float) -> None:
+    def watch() -> None:
+        last, since = _progress[0], time.monotonic()
+        while True:
+            time.sleep(min(5.0, stall_s / 4))
+            if _progress[0] != last:
+                last, since = _progress[0], time.monotonic()
+            elif time.monotonic() - since > stall_s:
+                sys.stderr.write(f"STALLED: no progress for {stall_s:.0f} s\n")
+                sys.stderr.flush()
+                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+                sys.stderr.flush()
+                os._exit(STALL_EXIT)
+
+    threading.Thread(target=watch, name="bench-stall-watchdog", daemon=True).start()
+
+
 def measure(config: dict[str, Any]) -> dict[str, Any]:
     import sqlalchemy as sa
     from sqlalchemy.engine import make_url
     from sqlalchemy.orm import Session
 
-    from .harness import WAIT_TIME, Active, Variant, make_providers
+    from .harness import Active, Variant, make_providers
 
+    _start_stall_watchdog(config.get("stall_s", 90.0))
     warnings.filterwarnings("ignore", category=sa.exc.SAWarning)
-    variant = Variant(
-        config["variant"], config["variant"], config["kind"], tuple(config["options"])
-    )
-    url = make_url(config["url"])
-    engine = sa.create_engine(url, pool_size=5, max_overflow=20)
+    options = tuple(tuple(o) for o in config["options"])
+    variant = Variant(config["variant"], config["variant"], config["kind"], options)
+    engine = sa.create_engine(make_url(config["url"]), pool_size=5, max_overflow=20)
     providers = make_providers(config["export_interval_ms"])
     active = Active(variant, engine, providers)
     select_1 = sa.text("SELECT 1")
-    done = {"checkouts": 0}
-    leaked = {"sessions": 0}
+    counts = {"checkouts": 0, "leaked": 0}
+    leak_every = config["leak_every"]
+    explicit_gc = config.get("gc_mode", "natural") == "explicit"
+    progress = _progress
 
     def checkouts(n: int) -> None:
         connect = engine.connect
         for _ in range(n):
             with connect():
                 pass
-        done["checkouts"] += n
-
-    leak_every = config["leak_every"]
+            progress[0] += 1
+        counts["checkouts"] += n
 
     def sessions(n: int) -> None:
-        for i in range(n):
-            session = Session(engine)
-            session.execute(select_1).scalar()
-            if leak_every and i % leak_every == leak_every - 1:
-                leaked["sessions"] += 1  # dropped while holding its connection: GC reclaims it
-            else:
-                session.close()
-            del session
-        done["checkouts"] += n
+        if explicit_gc:
+            gc.disable()
+        try:
+            for i in range(n):
+                session = Session(engine)
+                session.execute(select_1).scalar()
+                if leak_every and i % leak_every == leak_every - 1:
+                    counts["leaked"] += 1  # dropped holding its connection: the GC reclaims it
+                    del session
+                    if explicit_gc:
+                        gc.collect(1)
+                else:
+                    session.close()
+                    del session
+                progress[0] += 1
+        finally:
+            if explicit_gc:
+                gc.enable()
+        counts["checkouts"] += n
 
-    result: dict[str, Any] = {"variant": variant.key}
+    result: dict[str, Any] = {"variant": variant.key, "gc_mode": config.get("gc_mode")}
     try:
         warm = config["warmup"]
         checkouts(warm)
         sessions(min(warm, 2_000))
-        gc.collect()
         phase = Phase()
         checkouts(config["checkouts"])
         result["checkouts"] = {"n": config["checkouts"], **phase.end()}
@@ -138,15 +177,12 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
 
         phase = Phase()
         sessions(config["sessions"])
-        result["sessions"] = {
-            "n": config["sessions"],
-            "leak_every": leak_every,
-            **phase.end(),
-        }
-        result["sessions"]["tracemalloc"] = _tracemalloc_window(sessions, config["session_window"])
+        result["sessions"] = {"n": config["sessions"], "leak_every": leak_every, **phase.end()}
+        window = config["session_window"]
+        result["sessions"]["tracemalloc"] = _tracemalloc_window(sessions, window)
         gc.collect()
-        result["checkouts_made"] = done["checkouts"]
-        result["leaked_sessions"] = leaked["sessions"]
+        result["checkouts_made"] = counts["checkouts"]
+        result["leaked_sessions"] = counts["leaked"]
         result["recorded_checkouts"] = active.recorded_checkouts()
         if variant.kind == "ours":
             from opentelemetry.instrumentation.sqlalchemy_pool import holders, semconv
@@ -155,13 +191,20 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
             result["gc_leaks_recorded"] = providers.metrics.counter_value(
                 semconv.LEAKS, **{semconv.LEAK_KIND: semconv.LEAK_KIND_GARBAGE_COLLECTED}
             )
-            result["wait_time_metric"] = WAIT_TIME
         result["rss_final_mb"] = _rss() / MB
     finally:
         active.off()
         providers.shutdown()
         engine.dispose()
     return result
+
+
+class Stalled(RuntimeError):
+    """The subprocess made no progress: its stack dump is attached."""
+
+    def __init__(self, message: str, stacks: str):
+        super().__init__(message)
+        self.stacks = stacks
 
 
 def run_subprocess(config: dict[str, Any], timeout_s: float) -> dict[str, Any]:
@@ -172,11 +215,22 @@ def run_subprocess(config: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         timeout=timeout_s,
         check=False,
     )
+    if done.returncode == STALL_EXIT:
+        stderr = done.stderr or ""
+        start = stderr.find("STALLED")
+        raise Stalled(stderr[start:].splitlines()[0], stderr[start:])
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
         tail = (done.stderr or "").strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(f"memory benchmark failed ({done.returncode}): {tail[0]}")
     return json.loads(lines[-1])
+
+
+def summarize_stacks(stacks: str, limit: int = 12) -> list[str]:
+    """The frames worth reading in a faulthandler dump: ours, SQLAlchemy's finalizer, SDK locks."""
+    keep = ("sqlalchemy_pool/", "pool/base.py", "weakref.py", "aggregation.py", "Thread 0x")
+    lines = [line.strip() for line in stacks.splitlines()]
+    return [line for line in lines if any(k in line for k in keep)][:limit]
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import OperationalError
 
 from sqlalchemy_pool_tools.pg import database_url, with_driver
 
@@ -58,6 +59,8 @@ class Settings:
     memory_leak_every: int = 10
     export_interval_ms: float = 100.0
     load_generator: str = "auto"
+    memory_gc: str = "natural"  # natural | explicit (see bench/memory.py)
+    memory_stall_s: float = 90.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -67,9 +70,9 @@ class Settings:
 PROFILES: dict[str, Settings] = {
     "full": Settings(
         profile="full",
-        rounds=9,
-        cycles={"sync": 20_000, "async": 10_000, "sync-select": 4_000, "async-select": 3_000},
-        wait_per_task=20,
+        rounds=15,
+        cycles={"sync": 10_000, "async": 5_000, "sync-select": 2_000, "async-select": 2_000},
+        wait_per_task=10,
         e2e_duration_s=10.0,
         e2e_warmup_s=2.0,
         e2e_pairs=3,
@@ -104,6 +107,7 @@ PROFILES: dict[str, Settings] = {
         memory_sessions=600,
         memory_window=500,
         memory_session_window=200,
+        memory_gc="explicit",  # deterministic: no finalizer runs inside SDK threads
     ),
 }
 
@@ -175,6 +179,35 @@ def _postgres_version(url: URL) -> str | None:
         engine.dispose()
 
 
+def _ours_source() -> dict[str, Any]:
+    """Which instrumentor code was measured: a digest of its sources and the git commit."""
+    import hashlib
+    from pathlib import Path
+
+    import opentelemetry.instrumentation.sqlalchemy_pool as ours
+
+    package = Path(ours.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(package.glob("*.py")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    info: dict[str, Any] = {"path": str(package), "digest": digest.hexdigest()[:12], "git": None}
+    if shutil.which("git"):
+        try:
+            head = subprocess.run(
+                ["git", "-C", str(package), "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=False,
+            )
+            if head.returncode == 0:
+                info["git"] = head.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return info
+
+
 def machine_info(url_sync: URL | None) -> dict[str, Any]:
     packages = (
         "SQLAlchemy",
@@ -201,6 +234,7 @@ def machine_info(url_sync: URL | None) -> dict[str, Any]:
         "postgresql": _postgres_version(url_sync) if url_sync is not None else None,
         "wrk": _wrk_version(),
         "loadavg_start": load,
+        "ours_source": _ours_source(),
     }
 
 
@@ -228,17 +262,32 @@ def run_memory_scenario(url_sync: URL, settings: Settings, progress: Progress) -
             "session_window": settings.memory_session_window,
             "leak_every": settings.memory_leak_every,
             "export_interval_ms": settings.export_interval_ms,
+            "gc_mode": settings.memory_gc,
+            "stall_s": settings.memory_stall_s,
         }
-        result = memory.run_subprocess(config, timeout_s=3600)
+        stall: dict[str, Any] | None = None
+        try:
+            result = memory.run_subprocess(config, timeout_s=3600)
+        except memory.Stalled as stalled:
+            # A hang (seen: a GC finalizer re-entering an OTel SDK lock). Report it, then
+            # measure memory again with leaked sessions reclaimed in the main thread.
+            stall = {
+                "gc_mode": config["gc_mode"],
+                "message": str(stalled),
+                "frames": memory.summarize_stacks(stalled.stacks),
+                "stacks": stalled.stacks,
+            }
+            progress(f"[memory] {key}: {stalled} -- rerunning with explicit GC")
+            result = memory.run_subprocess({**config, "gc_mode": "explicit"}, timeout_s=3600)
+        result["stalled"] = stall
         if kind == "ours":
-            made = result["checkouts_made"]
-            result["verified"] = (
-                result["recorded_checkouts"] == made
+            result["verified"] = stall is None and (
+                result["recorded_checkouts"] == result["checkouts_made"]
                 and result["holders_left"] == 0
                 and result["gc_leaks_recorded"] == result["leaked_sessions"]
             )
         else:
-            result["verified"] = None
+            result["verified"] = False if stall is not None else None
         rows.append(result)
         progress(
             f"[memory] {key:<14} checkouts RSS {result['checkouts']['rss_growth_mb']:+.2f} MB, "
@@ -249,7 +298,7 @@ def run_memory_scenario(url_sync: URL, settings: Settings, progress: Progress) -
         "kind": "memory",
         "title": f"memory: {settings.memory_checkouts:,} sync checkouts, then "
         f"{settings.memory_sessions:,} sessions (every {settings.memory_leak_every}th never "
-        f"closed, reclaimed by GC)",
+        f"closed, reclaimed by the GC: {settings.memory_gc} collection)",
         "rows": rows,
     }
 
@@ -272,6 +321,7 @@ def run_suite(
     scenarios: Sequence[str],
     database: str | None = None,
     progress: Progress = lambda line: None,
+    on_scenario: Callable[[dict[str, Any]], None] = lambda results: None,
 ) -> dict[str, Any]:
     started = dt.datetime.now(dt.timezone.utc)
     with server_url(database) as base:
@@ -285,21 +335,34 @@ def run_suite(
         }
         for name in scenarios:
             progress(f"== {name}")
-            if name in micro.CYCLE_SCENARIOS:
-                scenario = micro.CYCLE_SCENARIOS[name]
-                result = micro.run_cycle_scenario(scenario, url_sync, url_async, settings, progress)
-            elif name == "wait":
-                result = micro.run_wait_scenario(url_async, settings, progress)
-            elif name == "e2e":
-                result = e2e.run_e2e_scenario(url_async, settings, progress)
-            elif name == "memory":
-                result = run_memory_scenario(url_sync, settings, progress)
-            else:  # pragma: no cover - parse_only rejects unknown names
-                raise ValueError(name)
+            try:
+                result = _run_scenario(name, url_sync, url_async, settings, progress)
+            except Exception as error:  # one broken scenario must not lose the others
+                if isinstance(error, OperationalError) and not results["scenarios"]:
+                    raise
+                result = {"key": name, "kind": "error", "title": name, "rows": []}
+                result["error"] = f"{type(error).__name__}: {error}"
+                progress(f"[{name}] FAILED: {result['error']}")
             results["scenarios"].append(result)
+            on_scenario(results)
     try:
         results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     except OSError:
         pass
     results["duration_s"] = round((dt.datetime.now(dt.timezone.utc) - started).total_seconds(), 1)
     return results
+
+
+def _run_scenario(
+    name: str, url_sync: URL, url_async: URL, settings: Settings, progress: Progress
+) -> dict[str, Any]:
+    if name in micro.CYCLE_SCENARIOS:
+        scenario = micro.CYCLE_SCENARIOS[name]
+        return micro.run_cycle_scenario(scenario, url_sync, url_async, settings, progress)
+    if name == "wait":
+        return micro.run_wait_scenario(url_async, settings, progress)
+    if name == "e2e":
+        return e2e.run_e2e_scenario(url_async, settings, progress)
+    if name == "memory":
+        return run_memory_scenario(url_sync, settings, progress)
+    raise ValueError(f"unknown scenario {name!r}")

@@ -43,7 +43,6 @@ from opentelemetry.metrics import get_meter
 
 from opentelemetry import trace
 
-from . import semconv
 from .config import OPTIONS, SESSION_SPANS_NONE, Config, load_config
 from .holders import HolderForensics, holders
 from .leaks import LeakDetector

@@ -33,8 +33,10 @@ def _library_prefixes() -> tuple[str, ...]:
     paths = sysconfig.get_paths()
     stdlib = {paths.get("stdlib"), paths.get("platstdlib")}
     prefixes = {os.path.join(p, "") for p in stdlib if p}
-    package_names = ("sqlalchemy", "fastapi", "starlette", "anyio", "greenlet", "asyncpg",
-                     "psycopg", "psycopg2", "uvicorn", "opentelemetry", "httpx", "httpcore")  # fmt: skip
+    package_names = (
+        "sqlalchemy", "fastapi", "starlette", "anyio", "greenlet", "asyncpg",
+        "psycopg", "psycopg2", "uvicorn", "opentelemetry", "httpx", "httpcore",
+    )  # fmt: skip
     for name in package_names:
         module = sys.modules.get(name)
         if module is None:

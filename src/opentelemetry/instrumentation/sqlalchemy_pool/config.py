@@ -75,12 +75,14 @@ def _pool_name(text: str) -> str:
 
 OPTIONS: tuple[Option, ...] = (
     Option("pool_name", None, _pool_name,
-           "Pool name for db.client.connection.pool.name (default: logging_name, else host:port/db)"),
+           "Pool name for db.client.connection.pool.name "
+           "(default: logging_name, else host:port/db)"),
     Option("wait_span_threshold_ms", 100.0, _non_negative_float,
            "Emit a sqlalchemy.pool.wait span when a checkout waits at least this long (ms); "
            "timeouts always get one"),
     Option("session_spans", SESSION_SPANS_ANOMALIES, _session_span_mode,
-           "Session spans: all | anomalies (slow or flagged) | none; metrics are recorded either way"),
+           "Session spans: all | anomalies (slow or flagged) | none; "
+           "metrics are recorded either way"),
     Option("session_span_threshold_ms", 1000.0, _non_negative_float,
            "In 'anomalies' mode, also emit session spans that held a connection this long (ms)"),
     Option("leak_threshold_s", 30.0, _non_negative_float,

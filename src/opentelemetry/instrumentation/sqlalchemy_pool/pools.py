@@ -348,11 +348,11 @@ class PoolRegistry:
             if existing is not None:
                 return existing
             key = _creator_key(pool)
-            if self._explicit_engines is not None and url is None:
-                if key not in self._explicit_keys:
-                    pool.__dict__[POOL_RECORDER_ATTR] = False
-                    self._adopted_pools.add(pool)
-                    return False
+            outside_scope = self._explicit_engines is not None and url is None
+            if outside_scope and key not in self._explicit_keys:
+                pool.__dict__[POOL_RECORDER_ATTR] = False
+                self._adopted_pools.add(pool)
+                return False
             recorder = self._find_previous_generation(key)
             if recorder is not None:
                 recorder.set_pool(pool)
@@ -504,13 +504,12 @@ class PoolRegistry:
         try:
             if isinstance(exception, exc.InvalidatePoolError):
                 reason = semconv.CLOSE_REASON_PRE_PING
-            elif (
-                exception is None
-                or isinstance(exception, exc.DisconnectionError)
-                or (isinstance(exception, exc.DBAPIError) and exception.connection_invalidated)
-            ):
+            elif exception is None or isinstance(exception, Exception):
+                # Explicit invalidate(), DisconnectionError, or the driver's own error when
+                # SQLAlchemy detected a disconnect (it passes the raw DBAPI exception).
                 reason = semconv.CLOSE_REASON_INVALIDATED
             else:
+                # Cancellation or interruption while the connection was in use.
                 reason = semconv.CLOSE_REASON_ERROR
             record.__dict__[CLOSE_REASON_ATTR] = reason
         except Exception:
