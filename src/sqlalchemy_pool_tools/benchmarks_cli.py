@@ -133,8 +133,12 @@ def run(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(line, file=sys.stderr, flush=True)
 
+    def save(partial: dict[str, Any]) -> None:
+        if args.json:  # after every scenario: a long run interrupted late keeps its figures
+            Path(args.json).write_text(json.dumps(partial, indent=2, default=str), "utf-8")
+
     try:
-        results = suite.run_suite(settings, scenarios, args.database_url, progress)
+        results = suite.run_suite(settings, scenarios, args.database_url, progress, save)
         if args.profile:
             results["profiles"] = _profiles(args, settings, progress)
     except sa_exc.OperationalError as error:
@@ -174,8 +178,10 @@ def _profiles(args: argparse.Namespace, settings: Any, progress: Any) -> list[di
 
 
 def failed_verifications(results: dict[str, Any]) -> list[str]:
-    """Rows whose recorded checkouts did not match the checkouts made."""
-    return [
+    """Failed scenarios, and rows whose recorded checkouts did not match the checkouts made
+    (or that stalled)."""
+    failed = [s["key"] for s in results["scenarios"] if s["kind"] == "error"]
+    return failed + [
         f"{scenario['key']}/{row['variant']}"
         for scenario in results["scenarios"]
         for row in scenario["rows"]

@@ -1,9 +1,9 @@
 """``sqlalchemy-pool holders URL``: print who holds a running app's pool connections.
 
-The app must mount the optional holders route, e.g.::
+The app must add the optional holders route, e.g.::
 
     from opentelemetry.instrumentation.sqlalchemy_pool.holders import make_asgi_app
-    app.mount("/_debug/pool-holders", make_asgi_app())
+    app.add_route("/_debug/pool-holders", make_asgi_app())
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def fetch(url: str, timeout: float) -> dict[str, list[dict[str, Any]]]:
     if not url.startswith(("http://", "https://")):
         raise UserError(f"not an http(s) URL: {url!r}")
     try:
-        response = httpx.get(url, timeout=timeout)
+        response = httpx.get(url, timeout=timeout, follow_redirects=True)
         response.raise_for_status()
         return response.json()["pools"]
     except httpx.HTTPError as exc:

@@ -29,7 +29,12 @@ def test_holders_route_and_cli(otel, make_sync_engine, capsys):
     thread.start()
     try:
         assert ready.wait(5)
-        with UvicornThread(make_asgi_app()) as server:
+        from fastapi import FastAPI
+
+        app = FastAPI()
+        app.add_route("/_debug/pool-holders", make_asgi_app())
+        with UvicornThread(app) as server:
+            server.url += "/_debug/pool-holders"
             pools = holders_cli.fetch(server.url, timeout=5)
             assert [row["code_function"] for row in pools["route"]] == ["hold_one"]
             parser = argparse.ArgumentParser()

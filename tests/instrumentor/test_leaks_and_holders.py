@@ -9,6 +9,7 @@ import time
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
+from tests.waiting import wait_for
 
 from opentelemetry.instrumentation.sqlalchemy_pool import holders
 
@@ -22,15 +23,6 @@ def _leaks(otel, pool, kind):
     )
 
 
-def _wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
-
-
 def take_and_hold(engine):  # the code site a leak report must name
     return engine.connect()
 
@@ -42,7 +34,7 @@ def test_long_hold_reported_once_while_held(otel, make_sync_engine, caplog):
     tracer = otel.tracer_provider.get_tracer("t")
     with tracer.start_as_current_span("job") as job:
         conn = take_and_hold(engine)
-        assert _wait_for(lambda: _leaks(otel, "hold", "long_hold") == 1)
+        assert wait_for(lambda: _leaks(otel, "hold", "long_hold") == 1)
         time.sleep(0.3)
         assert _leaks(otel, "hold", "long_hold") == 1  # once, not every check
         events = [e for e in job.events if e.name == "sqlalchemy.pool.long_hold"]
@@ -130,7 +122,7 @@ def test_timeout_wait_span_links_to_holders_and_logs_once(otel, make_sync_engine
     threads = [threading.Thread(target=holder_thread) for _ in range(2)]
     for t in threads:
         t.start()
-    assert _wait_for(lambda: otel.count("forensics")[0] == 2)
+    assert wait_for(lambda: otel.count("forensics")[0] == 2)
     snapshot = holders(engine)
     assert len(snapshot) == 2 == engine.pool.checkedout()
     assert {row["code_function"] for row in snapshot} == {"busy_holder"}
@@ -181,14 +173,14 @@ def test_pg_activity_shows_idle_in_transaction(otel, make_sync_engine):
             and p.attributes["db.client.connection.pool.name"] == "pg"
         ]  # fmt: skip
 
-    assert _wait_for(lambda: idle_in_tx() == [1], timeout=10)
+    assert wait_for(lambda: idle_in_tx() == [1], timeout=10)
 
     def app_xact_ages():
         return [p.value for p in otel.points("sqlalchemy.pool.pg.oldest_transaction_age")
                 if p.attributes["sqlalchemy.pool.pg.scope"] == "application"]  # fmt: skip
 
-    assert _wait_for(lambda: app_xact_ages() and app_xact_ages()[0] > 0.2, timeout=10)
+    assert wait_for(lambda: app_xact_ages() and app_xact_ages()[0] > 0.2, timeout=10)
     (max_connections,) = [p.value for p in otel.points("sqlalchemy.pool.pg.max_connections")]
     assert max_connections >= 10
     conn.close()
-    assert _wait_for(lambda: idle_in_tx() == [0], timeout=10)
+    assert wait_for(lambda: idle_in_tx() == [0], timeout=10)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import time
 
 import httpx
 import pytest
@@ -14,6 +13,7 @@ import sqlalchemy as sa
 from fastapi import BackgroundTasks, Depends, FastAPI
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from tests.uvicorn_thread import UvicornThread
+from tests.waiting import wait_for
 
 LEAK = "sqlalchemy.pool.leaks"
 
@@ -97,22 +97,13 @@ def _leaks(otel, kind):
     )
 
 
-def _wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
 def _session_spans(otel):
     return otel.spans("sqlalchemy.session")
 
 
 def test_normal_request_scoped_session(otel, app_server):
     assert httpx.get(f"{app_server.url}/normal").json() == {"one": 1}
-    assert _wait_for(lambda: len(_session_spans(otel)) == 1)
+    assert wait_for(lambda: len(_session_spans(otel)) == 1)
     (span,) = _session_spans(otel)
     attrs = span.attributes
     assert attrs["sqlalchemy.session.statements"] >= 1
@@ -127,8 +118,8 @@ def test_normal_request_scoped_session(otel, app_server):
 
 def test_leaky_background_task_is_flagged(otel, app_server, caplog):
     assert httpx.get(f"{app_server.url}/leaky-background").status_code == 200
-    assert _wait_for(lambda: _leaks(otel, "outlived_response") == 1)
-    assert _wait_for(
+    assert wait_for(lambda: _leaks(otel, "outlived_response") == 1)
+    assert wait_for(
         lambda: any(
             s.attributes["sqlalchemy.session.outlived_response"] for s in _session_spans(otel)
         )
@@ -143,7 +134,7 @@ def test_leaky_background_task_is_flagged(otel, app_server, caplog):
 
 def test_fresh_session_in_background_task_is_not_flagged(otel, app_server):
     assert httpx.get(f"{app_server.url}/fixed-background").status_code == 200
-    assert _wait_for(lambda: len(_session_spans(otel)) == 2)
+    assert wait_for(lambda: len(_session_spans(otel)) == 2)
     assert _leaks(otel, "outlived_response") == 0
     functions = {s.attributes["code.function.name"] for s in _session_spans(otel)}
     assert functions == {"fixed_background", "use_fresh_session"}
@@ -151,12 +142,12 @@ def test_fresh_session_in_background_task_is_not_flagged(otel, app_server):
 
 def test_create_task_with_request_session_is_flagged(otel, app_server):
     assert httpx.get(f"{app_server.url}/create-task").status_code == 200
-    assert _wait_for(lambda: _leaks(otel, "outlived_response") >= 1)
+    assert wait_for(lambda: _leaks(otel, "outlived_response") >= 1)
 
 
 def test_idle_in_transaction_held_idle_time(otel, app_server):
     assert httpx.get(f"{app_server.url}/idle-in-transaction").status_code == 200
-    assert _wait_for(lambda: len(_session_spans(otel)) == 1)
+    assert wait_for(lambda: len(_session_spans(otel)) == 1)
     (span,) = _session_spans(otel)
     assert span.attributes["sqlalchemy.session.held_idle"] >= 0.5
     assert span.attributes["sqlalchemy.session.outcome"] == "commit"
@@ -170,11 +161,11 @@ def test_idle_in_transaction_held_idle_time(otel, app_server):
 
 def test_never_closed_session_outlives_response_and_is_garbage_collected(otel, app_server):
     assert httpx.get(f"{app_server.url}/never-closed").status_code == 200
-    assert _wait_for(lambda: _leaks(otel, "outlived_response") == 1)
+    assert wait_for(lambda: _leaks(otel, "outlived_response") == 1)
     assert otel.count("app")[0] == 1
     del app_server.app.state.leaked
-    assert _wait_for(lambda: (gc.collect() or True) and _leaks(otel, "garbage_collected") == 1)
-    assert _wait_for(lambda: otel.count("app")[0] == 0)
+    assert wait_for(lambda: (gc.collect() or True) and _leaks(otel, "garbage_collected") == 1)
+    assert wait_for(lambda: otel.count("app")[0] == 0)
     gc_spans = [
         s
         for s in _session_spans(otel)

@@ -42,9 +42,20 @@ _progress = [0]
 
 
 def _rss() -> int:
-    import psutil
+    """Current resident set size in bytes (psutil, else /proc, else the peak from rusage)."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        return psutil.Process().memory_info().rss
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
 
-    return psutil.Process().memory_info().rss
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _type_counts() -> Counter[str]:

@@ -125,9 +125,7 @@ def _async_floor(select: bool, active: Active) -> Callable[[Any, int], Any]:
 # --------------------------------------------------------------------------------------------
 # One block
 # --------------------------------------------------------------------------------------------
-def _finish(
-    sw: Stopwatch, ops: int, active: Active, expected: int, exports: int, providers: Any
-) -> Sample:
+def _finish(sw: Stopwatch, ops: int, active: Active, expected: int, exports: int) -> Sample:
     recorded = active.recorded_checkouts()
     return Sample(
         wall_us=sw.wall / ops * 1e6,
@@ -162,7 +160,7 @@ def sync_block(
         with Stopwatch() as sw:
             loop(engine, cycles)
         exports = providers.metrics.exports - exports0
-        sample = _finish(sw, cycles, active, warmup + cycles, exports, providers)
+        sample = _finish(sw, cycles, active, warmup + cycles, exports)
     finally:
         _close(sample, active, providers)
         engine.dispose()
@@ -188,7 +186,7 @@ async def _async_block(
         with Stopwatch() as sw:
             await loop(engine, cycles)
         exports = providers.metrics.exports - exports0
-        sample = _finish(sw, cycles, active, warmup + cycles, exports, providers)
+        sample = _finish(sw, cycles, active, warmup + cycles, exports)
     finally:
         _close(sample, active, providers)
         await engine.dispose()
@@ -229,7 +227,7 @@ async def _wait_block(
         with Stopwatch() as sw:
             await asyncio.gather(*(worker(per_task) for _ in range(tasks)))
         exports = providers.metrics.exports - exports0
-        sample = _finish(sw, tasks * per_task, active, warmup + tasks * per_task, exports, None)
+        sample = _finish(sw, tasks * per_task, active, warmup + tasks * per_task, exports)
     finally:
         _close(sample, active, providers)
         await engine.dispose()
@@ -275,6 +273,8 @@ def summarize(variants: Sequence[Variant], samples: dict[str, list[Sample]]) -> 
             "options": dict(variant.options),
             "wall_us": median(s.wall_us for s in own),
             "cpu_us": median(s.cpu_us for s in own),
+            "wall_best_us": min(s.wall_us for s in own),
+            "cpu_best_us": min(s.cpu_us for s in own),
             "ratio": paired(own, bare, ratio),
             "added_us": added,
             "beyond_floor_us": (
@@ -358,12 +358,3 @@ def run_wait_scenario(url_async: URL, settings: Any, progress: Progress) -> dict
         "rounds": settings.rounds,
         "rows": summarize(WAIT_VARIANTS, samples),
     }
-
-
-__all__ = [
-    "CYCLE_SCENARIOS",
-    "OFFICIAL",
-    "CycleScenario",
-    "run_cycle_scenario",
-    "run_wait_scenario",
-]

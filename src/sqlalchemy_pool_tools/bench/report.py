@@ -157,7 +157,7 @@ def _cycles_table(scenario: dict[str, Any]) -> list[str]:
         "",
         f"{scenario['cycles_per_block']:,} operations per block, {scenario['rounds']} rounds.",
         "",
-        f"| variant | {unit} | x bare | CPU {unit} | CPU x bare | added µs (wall / CPU) "
+        f"| variant | {unit} | x bare | CPU {unit} (best) | CPU x bare | added µs (wall / CPU) "
         "| beyond 2 records µs (wall / CPU) | added ÷ official's (wall / CPU) "
         "| checkouts recorded | spans/op | targets |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
@@ -171,7 +171,7 @@ def _cycles_table(scenario: dict[str, Any]) -> list[str]:
                     f"`{row['variant']}` {row['label']}",
                     _num(row["wall_us"]),
                     _num(row["ratio"]["wall"], "{:.3f}"),
-                    _num(row["cpu_us"]),
+                    f"{_num(row['cpu_us'])} ({_num(row.get('cpu_best_us'))})",
                     _num(row["ratio"]["cpu"], "{:.3f}"),
                     "—" if row["kind"] == "bare" else _pair(row["added_us"]),
                     _pair(row.get("beyond_floor_us")),
@@ -238,7 +238,13 @@ def _memory_table(scenario: dict[str, Any]) -> list[str]:
                 verified = "n/a"
             else:
                 verified = "✅" if row["verified"] else "❌"
-                if phase == "sessions":
+                stall = row.get("stalled")
+                if stall and phase == "sessions":
+                    verified += (
+                        f" STALLED with {stall['gc_mode']} GC ({stall['message']}); "
+                        "figures from a rerun with explicit GC"
+                    )
+                elif phase == "sessions":
                     verified += (
                         f" {row['recorded_checkouts']:,} checkouts, "
                         f"{row['gc_leaks_recorded']:,}/{row['leaked_sessions']:,} GC leaks"
@@ -261,6 +267,18 @@ def _memory_table(scenario: dict[str, Any]) -> list[str]:
                 )
                 + " |"
             )
+    for row in scenario["rows"]:
+        stall = row.get("stalled")
+        if stall:
+            lines += [
+                f"`{row['variant']}` stalled ({stall['message']}) with {stall['gc_mode']} GC; "
+                "frames of every thread at the stall:",
+                "",
+                "```",
+                *stall["frames"],
+                "```",
+                "",
+            ]
     return [*lines, ""]
 
 
@@ -269,6 +287,7 @@ def markdown(results: dict[str, Any]) -> str:
     versions = machine["versions"]
     settings = results["settings"]
     v = versions.get
+    source = machine.get("ours_source") or {}
     lines = [
         f"## sqlalchemy-pool benchmarks — {results['date']}",
         "",
@@ -289,11 +308,15 @@ def markdown(results: dict[str, Any]) -> str:
         " ms into an in-memory exporter (collection cost is inside the timed window), SDK "
         "TracerProvider + BatchSpanProcessor into a counting exporter. Wall = perf_counter; "
         "CPU = process CPU time (all threads). Targets are evaluated on wall-clock figures.",
+        f"- Instrumentor measured: {source.get('path')} (git {source.get('git')}, "
+        f"source digest {source.get('digest')}).",
         f"- Total run time {results.get('duration_s', '?')} s.",
         "",
     ]
     for scenario in results["scenarios"]:
-        if scenario["kind"] == "cycles":
+        if scenario["kind"] == "error":
+            lines += [f"### {scenario['title']}", "", f"❌ failed: {scenario['error']}", ""]
+        elif scenario["kind"] == "cycles":
             lines += _cycles_table(scenario)
         elif scenario["kind"] == "e2e":
             lines += _e2e_table(scenario)

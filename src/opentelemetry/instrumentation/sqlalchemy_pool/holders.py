@@ -96,24 +96,33 @@ def all_holders(limit: int | None = None) -> dict[str, list[dict[str, Any]]]:
     return {recorder.name: snapshot(recorder, limit) for recorder in registry.recorders()}
 
 
-def make_asgi_app(limit: int | None = 20) -> Any:
-    """A tiny ASGI app serving ``all_holders()`` as JSON, to mount on a *private* route.
+class HoldersASGIApp:
+    """ASGI app serving ``all_holders()`` as JSON (a class, so Starlette's ``Route`` and
+    ``add_route`` treat it as an ASGI app rather than a request handler)."""
 
-    Off unless you mount it (e.g. ``app.mount("/_debug/pool-holders", make_asgi_app())``).
-    It exposes code sites, routes and trace ids -- never SQL, parameters or credentials --
-    but keep it behind your admin/internal network all the same.
-    """
-    import json
+    def __init__(self, limit: int | None = 20):
+        self.limit = limit
 
-    async def holders_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        import json
+
         if scope.get("type") != "http":
             return
-        body = json.dumps({"pools": all_holders(limit)}, indent=2).encode()
+        body = json.dumps({"pools": all_holders(self.limit)}, indent=2).encode()
         headers = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    return holders_app
+
+def make_asgi_app(limit: int | None = 20) -> HoldersASGIApp:
+    """The holders JSON endpoint, to add on a *private* route; off unless you add it::
+
+        app.add_route("/_debug/pool-holders", make_asgi_app())    # Starlette / FastAPI
+
+    It exposes code sites, routes and trace ids -- never SQL, parameters or credentials --
+    but keep it behind your admin/internal network all the same.
+    """
+    return HoldersASGIApp(limit)
 
 
 class HolderForensics:
