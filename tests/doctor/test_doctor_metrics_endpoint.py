@@ -201,3 +201,28 @@ def test_counter_reset_and_series_born_in_window() -> None:
 def test_histogram_quantile(q: float, buckets: dict, expected: float | None) -> None:
     result = histogram_quantile(q, buckets)
     assert result == (pytest.approx(expected) if expected is not None else None)
+
+
+def test_culprit_routes_from_connection_hold_time() -> None:
+    """use_time carries http.route: the doctor names the routes holding the pool longest."""
+    from opentelemetry.instrumentation.sqlalchemy_pool import semconv as sc
+
+    app = FakePoolApp()
+    try:
+        app.pool_state(POOL, used=1, idle=1, limit=4, idle_max=2)
+
+        def on_scrape(n: int) -> None:
+            if n == 1:
+                for route, use, count in (("/report", 2.0, 5), ("/orders", 0.01, 50)):
+                    for _ in range(count):
+                        app.wait_time.record(0.001, {sc.POOL_NAME: POOL})
+                        app.use_time.record(use, {sc.POOL_NAME: POOL, sc.HTTP_ROUTE: route})
+
+        app.on_scrape = on_scrape
+        figures = from_metrics_endpoint(app.url, duration_s=0.4, interval_s=0.2, pool=POOL)
+    finally:
+        app.close()
+    sites = figures[POOL].top_code_sites
+    assert sites is not None
+    assert sites[0].startswith("route /report") and "connection hold time" in sites[0]
+    assert sites[1].startswith("route /orders")

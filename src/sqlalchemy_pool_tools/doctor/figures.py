@@ -493,8 +493,12 @@ def _pool_figures(
     fig.pg_reserved_connections = _max(v for _, v in view("pg_reserved"))
 
     # -- culprits and HTTP
-    fig.top_code_sites = _top_sites(leaks, lambda n: f"{fmt.count(n)} leaks") or _top_sites(
-        view("session_sum"), lambda s: f"{fmt.seconds(s)} held in sessions"
+    # Culprits: leak sites first, else connection hold time by route (use_time carries
+    # http.route), else session hold time.
+    fig.top_code_sites = (
+        _top_sites(leaks, lambda n: f"{fmt.count(n)} leaks")
+        or _top_sites(view("use_sum"), lambda s: f"{fmt.seconds(s)} connection hold time")
+        or _top_sites(view("session_sum"), lambda s: f"{fmt.seconds(s)} held in sessions")
     )
     fig.top_routes = _top_routes(view)
     http_count = _total(view("http_count"))
