@@ -103,8 +103,6 @@ class PoolRecorder:
         self.attrs_idle = {**self.attrs, semconv.CONNECTION_STATE: semconv.STATE_IDLE}
         self.holders: dict[Any, Hold] = {}  # connection record -> Hold (exact "used")
         self.waiters: list[None] = []  # one entry per caller inside the checkout (pending)
-        self.open_nonqueue = 0  # NullPool: open connections (connect - close)
-        self._lock = threading.Lock()
         self.last_holders_log = float("-inf")
         self._route_attrs: dict[str, dict[str, Any]] = {}
         # True/False once an AsyncSession used this pool (expire_on_commit review), else None.
@@ -286,7 +284,6 @@ class PoolRegistry:
             "detach": self._on_detach,
             "close": self._on_close,
             "invalidate": self._on_invalidate,
-            "connect": self._on_connect,
         }
         for name, fn in pool_events.items():
             self._listen(Pool, name, fn)
@@ -454,15 +451,6 @@ class PoolRegistry:
             _log_hook_error("engine_disposed")
 
     # -- pool event listeners (class level; must never raise) ---------------------------------
-    def _on_connect(self, dbapi_connection: Any, record: Any) -> None:
-        try:
-            recorder = record.__dict__.get(RECORD_RECORDER_ATTR)
-            if recorder is not None and recorder.is_null:
-                with recorder._lock:
-                    recorder.open_nonqueue += 1
-        except Exception:
-            _log_hook_error("connect")
-
     def _on_checkin(self, dbapi_connection: Any, record: Any) -> None:
         try:
             hold = record.__dict__.pop(HOLD_ATTR, None)
@@ -494,9 +482,6 @@ class PoolRegistry:
                 recorder = hold.recorder
             if recorder is not None:
                 self.telemetry.closed(recorder, semconv.CLOSE_REASON_DETACHED)
-                if recorder.is_null:
-                    with recorder._lock:
-                        recorder.open_nonqueue -= 1
         except Exception:
             _log_hook_error("detach")
 
@@ -536,9 +521,6 @@ class PoolRegistry:
                     reason = semconv.CLOSE_REASON_OVERFLOW  # no room to return it
                 else:
                     reason = semconv.CLOSE_REASON_DISPOSE
-            if recorder.is_null:
-                with recorder._lock:
-                    recorder.open_nonqueue -= 1
             self.telemetry.closed(recorder, reason)
         except Exception:
             _log_hook_error("close")
