@@ -104,10 +104,10 @@ def busy_holder(engine, started, release):  # the holder's code site
 
 
 def test_timeout_wait_span_links_to_holders_and_logs_once(otel, make_sync_engine, caplog):
-    otel.instrument()
     engine = make_sync_engine(
         pool_size=2, max_overflow=0, pool_timeout=0.2, pool_logging_name="forensics"
     )
+    otel.instrument(engines=[engine])
     tracer = otel.tracer_provider.get_tracer("t")
     release = threading.Event()
     holder_spans = []

@@ -97,8 +97,8 @@ async def test_async_engine_counts_and_wait_span(otel, make_async_engine):
 
 
 def test_fast_checkouts_create_no_span_and_record_histograms(otel, make_sync_engine):
-    otel.instrument()
     engine = make_sync_engine(pool_logging_name="fast")
+    otel.instrument(engines=[engine])  # explicit engines get statement timing up front
     for _ in range(20):
         with engine.connect() as conn:
             conn.execute(sa.text("select 1"))
@@ -292,3 +292,26 @@ def test_explicit_engines_only(otel, make_sync_engine):
     mine.dispose()  # the recreated pool of an explicit engine stays instrumented
     with mine.connect():
         assert otel.count("mine") == (1, 0)
+
+
+def test_statement_timing_is_attached_per_engine_lazily(otel, make_sync_engine):
+    """Engine listeners cost every Connection a few µs, so in global mode they are added to an
+    engine only when a Session first uses it; Core-only engines stay on the fast path."""
+    from sqlalchemy.orm import Session
+
+    otel.instrument()
+    core_only = make_sync_engine(pool_logging_name="core")
+    with_sessions = make_sync_engine(pool_logging_name="orm")
+    with core_only.connect() as conn:
+        conn.execute(sa.text("select 1"))
+    assert len(core_only.dispatch.before_cursor_execute) == 0
+    with Session(with_sessions) as session:
+        session.execute(sa.text("select 1"))
+        time.sleep(0.02)
+        session.execute(sa.text("select 1"))
+    assert len(with_sessions.dispatch.before_cursor_execute) == 1
+    (held_idle,) = [
+        p for p in otel.points("sqlalchemy.pool.connection.held_idle_time")
+        if p.attributes["db.client.connection.pool.name"] == "orm"
+    ]  # fmt: skip
+    assert held_idle.count == 1 and held_idle.sum >= 0.02

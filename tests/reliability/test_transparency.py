@@ -598,7 +598,7 @@ def test_uninstrument_leaves_nothing_behind(otel, hook_errors, make_sync_engine)
     creator_before = engine.pool.__dict__.get("_invoke_creator")
     otel.instrument(session_spans="all", set_application_name=True, leak_threshold_s=1)
     registry, sessions, _leaks, _pg = otel.instrumentor._state
-    installed = [*registry._listeners, *sessions._listeners]
+    installed = [*registry.installed_listeners(), *sessions._listeners]
     assert installed
     for target, name, fn in installed:
         assert event.contains(target, name, fn)

@@ -9,7 +9,6 @@ measured load, then the app's own request and checkout counts. The load comes fr
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import shutil
 import socket
@@ -22,7 +21,7 @@ from typing import Any
 import httpx
 from sqlalchemy.engine import URL
 
-from .harness import median
+from .harness import child_env, median, ours_file
 
 Progress = Callable[[str], None]
 MODES = ("bare", "ours")
@@ -41,8 +40,7 @@ class AppServer:
         self.mode = mode
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ)
-        env.update(
+        env = child_env(
             SQLA_POOL_BENCH_MODE=mode,
             SQLA_POOL_BENCH_DB_URL=url.render_as_string(hide_password=False),
             SQLA_POOL_BENCH_POOL_SIZE=str(pool_size),
@@ -227,6 +225,8 @@ def one_run(
         load(target, settings.e2e_connections, settings.e2e_warmup_s)
         result = load(target, settings.e2e_connections, settings.e2e_duration_s)
         stats = server.stats()
+    if stats.get("ours_file") != ours_file():
+        raise RuntimeError(f"the e2e app imported another instrumentor: {stats.get('ours_file')}")
     result["mode"] = mode
     result["served"] = stats["requests"]
     result["recorded_checkouts"] = stats["recorded_checkouts"]

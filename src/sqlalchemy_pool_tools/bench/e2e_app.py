@@ -26,7 +26,7 @@ from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
-from .harness import WAIT_TIME, make_providers
+from .harness import WAIT_TIME, make_providers, ours_file
 
 MODE = os.environ.get("SQLA_POOL_BENCH_MODE", "bare")
 if MODE not in ("bare", "ours"):
@@ -89,6 +89,7 @@ async def stats() -> dict[str, Any]:
         "requests": served["q"],
         "recorded_checkouts": providers.metrics.histogram_count(WAIT_TIME),
         "exports": providers.metrics.exports,
+        "ours_file": ours_file(),
     }
 
 

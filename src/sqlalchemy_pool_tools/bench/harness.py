@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import statistics
 import time
 from collections import Counter
@@ -250,6 +251,29 @@ class Active:
         self.providers.flush_metrics()
         name = WAIT_TIME if self.variant.kind == OURS else FLOOR_A
         return self.providers.metrics.histogram_count(name) or 0
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """Environment for benchmark subprocesses: they import the very same instrumentor and
+    tools code as this process (an editable install elsewhere must not swap it mid-run)."""
+    import opentelemetry.instrumentation.sqlalchemy_pool as ours
+    import sqlalchemy_pool_tools
+
+    roots = [
+        os.path.dirname(os.path.dirname(sqlalchemy_pool_tools.__file__)),
+        os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(ours.__file__)))),
+    ]
+    env = dict(os.environ)
+    current = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([*roots, *current]))
+    env.update(extra)
+    return env
+
+
+def ours_file() -> str:
+    import opentelemetry.instrumentation.sqlalchemy_pool as ours
+
+    return os.path.dirname(ours.__file__)
 
 
 # --------------------------------------------------------------------------------------------

@@ -132,7 +132,7 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
     from sqlalchemy.engine import make_url
     from sqlalchemy.orm import Session
 
-    from .harness import Active, Variant, make_providers
+    from .harness import Active, Variant, make_providers, ours_file
 
     _start_stall_watchdog(config.get("stall_s", 90.0))
     warnings.filterwarnings("ignore", category=sa.exc.SAWarning)
@@ -176,7 +176,11 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
                 gc.enable()
         counts["checkouts"] += n
 
-    result: dict[str, Any] = {"variant": variant.key, "gc_mode": config.get("gc_mode")}
+    result: dict[str, Any] = {
+        "variant": variant.key,
+        "gc_mode": config.get("gc_mode"),
+        "ours_file": ours_file(),
+    }
     try:
         warm = config["warmup"]
         checkouts(warm)
@@ -219,12 +223,15 @@ class Stalled(RuntimeError):
 
 
 def run_subprocess(config: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    from .harness import child_env
+
     done = subprocess.run(
         [sys.executable, "-m", "sqlalchemy_pool_tools.bench.memory", json.dumps(config)],
         capture_output=True,
         text=True,
         timeout=timeout_s,
         check=False,
+        env=child_env(),
     )
     if done.returncode == STALL_EXIT:
         stderr = done.stderr or ""

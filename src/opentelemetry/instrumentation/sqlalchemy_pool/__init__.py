@@ -43,7 +43,7 @@ from opentelemetry.metrics import get_meter
 
 from opentelemetry import trace
 
-from .config import OPTIONS, SESSION_SPANS_NONE, Config, load_config
+from .config import OPTIONS, Config, load_config
 from .holders import HolderForensics, holders
 from .leaks import LeakDetector
 from .metrics import telemetry_for
@@ -87,11 +87,11 @@ class SQLAlchemyPoolInstrumentor(BaseInstrumentor):
         registry = PoolRegistry(config, telemetry, leaks, waits.wrap)
         registry_box.append(registry)
 
-        sessions: SessionTracking | None = None
-        if config.session_spans != SESSION_SPANS_NONE:
-            sessions = SessionTracking(config, telemetry, leaks, tracer)
-            registry.sessions = sessions
-            telemetry.release_hooks.append(sessions.on_release)
+        # Session tracking always runs (it feeds held-idle time and leak flags); the
+        # session_spans option only decides which sessions become spans.
+        sessions = SessionTracking(config, telemetry, leaks, tracer, registry)
+        registry.sessions = sessions
+        telemetry.release_hooks.append(sessions.on_release)
         telemetry.release_hooks.append(leaks.on_release)
 
         pg = _PgActivity(config) if config.pg_activity else None
@@ -103,8 +103,7 @@ class SQLAlchemyPoolInstrumentor(BaseInstrumentor):
 
         with self._state_lock:
             registry.install(engines)
-            if sessions is not None:
-                sessions.install()
+            sessions.install()
             leaks.start()
         self._state = (registry, sessions, leaks, pg)
 
@@ -115,8 +114,7 @@ class SQLAlchemyPoolInstrumentor(BaseInstrumentor):
         registry, sessions, leaks, pg = state
         with self._state_lock:
             leaks.stop()
-            if sessions is not None:
-                sessions.uninstall()
+            sessions.uninstall()
             if pg is not None:
                 pg.stop()
             _ApplicationName.disable()

@@ -22,7 +22,6 @@ from time import perf_counter, time
 from typing import Any
 
 from sqlalchemy import event, exc
-from sqlalchemy.engine import Engine
 from sqlalchemy.pool import (
     AssertionPool,
     NullPool,
@@ -107,7 +106,6 @@ class PoolRecorder:
         self._route_attrs: dict[str, dict[str, Any]] = {}
         # True/False once an AsyncSession used this pool (expire_on_commit review), else None.
         self.async_expire_on_commit: bool | None = None
-        self.engine_ref: weakref.ref[Any] | None = None  # set once its engine was disposed
         self.set_pool(pool)
 
     def set_pool(self, pool: Pool) -> None:
@@ -122,6 +120,9 @@ class PoolRecorder:
         self.recycle: float = float(getattr(pool, "_recycle", -1))
         self.pre_ping = bool(getattr(pool, "_pre_ping", False))
         self.creator_key = _creator_key(pool)
+        # The creator outlives engine.dispose() (the new pool shares it): while it lives, the
+        # engine lives and so does this logical pool, even before its new pool's first checkout.
+        self.creator_ref = _weak(getattr(pool, "_creator", None))
 
     def route_attrs(self, route: str) -> dict[str, Any]:
         """Attributes for histograms of a connection taken by a request of ``route``."""
@@ -180,6 +181,13 @@ class PoolRecorder:
         items = list(self.holders.items())
         items.sort(key=lambda item: item[1].t_out)
         return items[:limit]
+
+
+def _weak(obj: Any) -> Callable[[], Any]:
+    try:
+        return weakref.ref(obj)
+    except TypeError:  # None, or an object that cannot be weakly referenced
+        return lambda: None
 
 
 def _creator_key(pool: Pool) -> tuple[int, int]:
@@ -262,9 +270,12 @@ class PoolRegistry:
         self._recorders: dict[int, PoolRecorder] = {}  # id(recorder) -> recorder
         self._lock = threading.RLock()
         self._patched: list[tuple[type, str, Any]] = []
-        self._listeners: list[tuple[Any, str, Callable[..., Any]]] = []
+        self._listeners: list[tuple[Callable[[], Any], str, Callable[..., Any]]] = []
         self._adopted_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
-        self._creator_patches: list[tuple[weakref.ref[Pool], Any]] = []
+        self._timed_engines: weakref.WeakSet[Any] = weakref.WeakSet()
+        # Pools whose creator we wrapped; the original lives on the wrapper, so nothing here
+        # keeps a pool, its creator or its engine alive.
+        self._creator_patches: list[weakref.ref[Pool]] = []
         self._explicit_engines: list[weakref.ref[Any]] | None = None
         self._explicit_keys: set[tuple[int, int]] = set()
         self._names_in_use: set[str] = set()
@@ -293,23 +304,40 @@ class PoolRegistry:
                 sync_engine = getattr(engine, "sync_engine", engine)
                 self._explicit_engines.append(weakref.ref(sync_engine))
                 self.adopt(sync_engine.pool, url=sync_engine.url)
-        engine_targets: list[Any] = (
-            [Engine] if engines is None else [ref() for ref in self._explicit_engines or []]
-        )
-        for target in engine_targets:
-            if target is None:
-                continue
-            self._listen(target, "before_cursor_execute", self._before_cursor_execute)
-            self._listen(target, "after_cursor_execute", self._after_cursor_execute)
-            self._listen(target, "handle_error", self._on_statement_error)
-            self._listen(target, "engine_disposed", self._on_engine_disposed)
+        for ref in self._explicit_engines or ():
+            engine = ref()
+            if engine is not None:
+                self.time_statements(engine)
+
+    def time_statements(self, engine: Any) -> None:
+        """Time statements on ``engine`` (held-idle time). Engine listeners make every
+        Connection of that engine dispatch events (a few µs per checkout), so they are added
+        per engine: up front for explicit engines, else when a Session first uses the engine."""
+        if engine in self._timed_engines:
+            return
+        with self._lock:
+            if engine in self._timed_engines:
+                return
+            self._timed_engines.add(engine)
+            self._listen(engine, "before_cursor_execute", self._before_cursor_execute)
+            self._listen(engine, "after_cursor_execute", self._after_cursor_execute)
+            self._listen(engine, "handle_error", self._on_statement_error)
 
     def _listen(self, target: Any, name: str, fn: Callable[..., Any]) -> None:
         event.listen(target, name, fn)
-        self._listeners.append((target, name, fn))
+        # Engines are held weakly: instrumentation must not keep a discarded engine alive.
+        ref = (lambda: target) if isinstance(target, type) else weakref.ref(target)
+        self._listeners.append((ref, name, fn))
+
+    def installed_listeners(self) -> list[tuple[Any, str, Callable[..., Any]]]:
+        """(target, event name, listener) for every listener we added whose target lives."""
+        return [(ref(), name, fn) for ref, name, fn in self._listeners if ref() is not None]
 
     def uninstall(self) -> None:
-        for target, name, fn in reversed(self._listeners):
+        for ref, name, fn in reversed(self._listeners):
+            target = ref()
+            if target is None:
+                continue
             try:
                 if event.contains(target, name, fn):
                     event.remove(target, name, fn)
@@ -319,9 +347,11 @@ class PoolRegistry:
         for cls, name, original in reversed(self._patched):
             setattr(cls, name, original)
         self._patched.clear()
-        for pool_ref, original in self._creator_patches:
+        for pool_ref in self._creator_patches:
             pool = pool_ref()
-            if pool is not None and "_invoke_creator" in pool.__dict__:
+            wrapper = pool.__dict__.get("_invoke_creator") if pool is not None else None
+            original = getattr(wrapper, "_otel_original", None)
+            if original is not None:
                 pool.__dict__["_invoke_creator"] = original
         self._creator_patches.clear()
         for recorder in list(self._recorders.values()):
@@ -422,33 +452,22 @@ class PoolRegistry:
             return connection
 
         timed_creator._otel_wrapped = True  # type: ignore[attr-defined]
+        timed_creator._otel_original = original  # type: ignore[attr-defined]
         pool.__dict__["_invoke_creator"] = timed_creator
-        self._creator_patches.append((weakref.ref(pool), original))
+        self._creator_patches.append(weakref.ref(pool))
 
     def recorders(self) -> list[PoolRecorder]:
         """Live recorders; forgets those whose pools are gone and hold nothing."""
         with self._lock:
             alive = []
             for key, recorder in list(self._recorders.items()):
-                gone = recorder.pool_ref() is None and not recorder.holders
-                engine = recorder.engine_ref() if recorder.engine_ref is not None else None
-                if gone and not recorder.waiters and engine is None:
+                gone = recorder.pool_ref() is None and recorder.creator_ref() is None
+                if gone and not recorder.holders and not recorder.waiters:
                     del self._recorders[key]
                     self._names_in_use.discard(recorder.name)
                     continue
                 alive.append(recorder)
             return alive
-
-    def _on_engine_disposed(self, engine: Any) -> None:
-        # dispose() swapped in a new pool, adopted at its first checkout: while the engine
-        # lives, keep its recorder (the pool stays visible, 0 used, and keeps its state).
-        try:
-            with self._lock:
-                recorder = self._find_previous_generation(_creator_key(engine.pool))
-                if recorder is not None:
-                    recorder.engine_ref = weakref.ref(engine)
-        except Exception:
-            _log_hook_error("engine_disposed")
 
     # -- pool event listeners (class level; must never raise) ---------------------------------
     def _on_checkin(self, dbapi_connection: Any, record: Any) -> None:

@@ -123,8 +123,9 @@ class SessionTracker:
 class SessionTracking:
     """Session event listeners, the ASGI shim and session spans."""
 
-    def __init__(self, config: Config, telemetry: Any, leaks: Any, tracer: Tracer):
+    def __init__(self, config: Config, telemetry: Any, leaks: Any, tracer: Tracer, registry: Any):
         self.config = config
+        self.registry = registry  # pools.PoolRegistry: statement timing per engine
         self.telemetry = telemetry
         self.leaks = leaks
         self.tracer = tracer
@@ -198,6 +199,7 @@ class SessionTracking:
             hold = _hold_of_connection(connection)
             if hold is None:
                 return
+            self.registry.time_statements(connection.engine)
             if hold.session is tracker:
                 tracker.transactions += 1
                 return
