@@ -164,8 +164,9 @@ def test_never_closed_session_outlives_response_and_is_garbage_collected(otel, a
     assert wait_for(lambda: _leaks(otel, "outlived_response") == 1)
     assert otel.count("app")[0] == 1
     del app_server.app.state.leaked
-    assert wait_for(lambda: (gc.collect() or True) and _leaks(otel, "garbage_collected") == 1)
-    assert wait_for(lambda: otel.count("app")[0] == 0)
+    assert wait_for(lambda: (gc.collect() or True) and otel.count("app")[0] == 0)
+    # Work queued inside the GC is done by the leak watchdog (every <= 5 s) or a checkout.
+    assert wait_for(lambda: _leaks(otel, "garbage_collected") == 1, timeout=10)
     gc_spans = [
         s
         for s in _session_spans(otel)

@@ -46,7 +46,7 @@ from opentelemetry import trace
 from .config import OPTIONS, Config, load_config
 from .holders import HolderForensics, holders
 from .leaks import LeakDetector
-from .metrics import telemetry_for
+from .metrics import telemetry_for, watch_gc
 from .package import _instruments
 from .pools import PoolRecorder, PoolRegistry
 from .sessions import SessionTracking
@@ -105,6 +105,7 @@ class SQLAlchemyPoolInstrumentor(BaseInstrumentor):
             registry.install(engines)
             sessions.install()
             leaks.start()
+            watch_gc(True)
         self._state = (registry, sessions, leaks, pg)
 
     def _uninstrument(self, **kwargs: Any) -> None:
@@ -113,7 +114,9 @@ class SQLAlchemyPoolInstrumentor(BaseInstrumentor):
             return
         registry, sessions, leaks, pg = state
         with self._state_lock:
+            watch_gc(False)
             leaks.stop()
+            registry.telemetry.drain()  # what garbage collections queued
             sessions.uninstall()
             if pg is not None:
                 pg.stop()

@@ -45,7 +45,9 @@ class LeakDetector:
 
     # -- watchdog -----------------------------------------------------------------------------
     def start(self) -> None:
-        if self.config.leak_threshold_s <= 0 or self._thread is not None:
+        # Always runs: besides long holds it does the telemetry queued during garbage
+        # collections (metrics.Telemetry.deferred) when no checkout comes along to do it.
+        if self._thread is not None:
             return
         self._stop.clear()
         self._thread = threading.Thread(
@@ -61,9 +63,11 @@ class LeakDetector:
 
     def _run(self) -> None:
         # Check often enough to report within ~25% of the threshold, but never busy-loop.
-        interval = min(max(self.config.leak_threshold_s / 4, 0.05), 5.0)
+        threshold = self.config.leak_threshold_s
+        interval = min(max(threshold / 4, 0.05), 5.0) if threshold > 0 else 5.0
         while not self._stop.wait(interval):
             try:
+                self.telemetry.drain()
                 self.check_long_holds()
             except Exception:
                 _logger.debug("leak watchdog error", exc_info=True)

@@ -7,8 +7,10 @@ recorded on the hot path, in the caller's context, so exemplars point at the rig
 
 from __future__ import annotations
 
+import gc
 import logging
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -25,6 +27,24 @@ _logger = logging.getLogger(__name__)
 HELD_IDLE_MIN_S = 0.001
 
 ReleaseHook = Callable[[Any, Hold, float, bool], None]
+
+
+# True while the cyclic garbage collector runs. Finalizers of leaked connections run inside
+# it, possibly in the middle of the OTel SDK's own (non-reentrant) locked code: calling the
+# SDK from there can deadlock. Such work is queued and done at the next safe point.
+_gc_collecting = [False]
+
+
+def _on_gc(phase: str, info: dict[str, Any]) -> None:
+    _gc_collecting[0] = phase == "start"
+
+
+def watch_gc(enable: bool) -> None:
+    if enable and _on_gc not in gc.callbacks:
+        gc.callbacks.append(_on_gc)
+    elif not enable and _on_gc in gc.callbacks:
+        gc.callbacks.remove(_on_gc)
+        _gc_collecting[0] = False
 
 
 _by_meter: weakref.WeakKeyDictionary[Meter, Telemetry] = weakref.WeakKeyDictionary()
@@ -150,6 +170,8 @@ class Telemetry:
         self.pg_samplers: Callable[[], Iterable[tuple[str, Any]]] = list
         # Hooks run when a checkout ends (sessions, leak reports), set by the instrumentor.
         self.release_hooks: list[ReleaseHook] = []
+        # Work that reached us inside a garbage collection (see _gc_collecting).
+        self.deferred: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
         self.track_statements = True
 
     def bind(self, recorders: Callable[[], Iterable[PoolRecorder]]) -> None:
@@ -190,10 +212,34 @@ class Telemetry:
         ]
 
     # -- reactions ----------------------------------------------------------------------------
+    def run_or_defer(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn`` now, or queue it when called from inside a garbage collection."""
+        if _gc_collecting[0]:
+            self.deferred.append((fn, args))
+        else:
+            if self.deferred:
+                self.drain()
+            fn(*args)
+
+    def drain(self) -> None:
+        """Do the work queued during garbage collections (never called from inside one)."""
+        while self.deferred and not _gc_collecting[0]:
+            try:
+                fn, args = self.deferred.popleft()
+            except IndexError:  # another thread drained it
+                return
+            try:
+                fn(*args)
+            except Exception:
+                _logger.debug("deferred telemetry failed", exc_info=True)
+
     def release(self, record: Any, hold: Hold, now: float, detached: bool = False) -> None:
         """A checkout ended (checkin, invalidation, detach or garbage collection)."""
+        hold.recorder.holders.pop(record, None)  # "used" is exact immediately
+        self.run_or_defer(self._record_release, hold, now, detached)
+
+    def _record_release(self, hold: Hold, now: float, detached: bool) -> None:
         recorder = hold.recorder
-        recorder.holders.pop(record, None)
         attrs = recorder.attrs
         request = hold.request
         if request is not None:
@@ -206,9 +252,12 @@ class Telemetry:
             if idle >= HELD_IDLE_MIN_S:
                 self.held_idle_time.record(idle, attrs)
         for hook in self.release_hooks:
-            hook(record, hold, now, detached)
+            hook(None, hold, now, detached)
 
     def closed(self, recorder: PoolRecorder, reason: str) -> None:
+        if _gc_collecting[0]:
+            self.deferred.append((self.closed, (recorder, reason)))
+            return
         key = (recorder.name, reason)
         attrs = self._close_attrs.get(key)
         if attrs is None:
@@ -216,6 +265,9 @@ class Telemetry:
         self.closes.add(1, attrs)
 
     def leak(self, recorder: PoolRecorder, kind: str) -> None:
+        if _gc_collecting[0]:
+            self.deferred.append((self.leak, (recorder, kind)))
+            return
         key = (recorder.name, kind)
         attrs = self._leak_attrs.get(key)
         if attrs is None:

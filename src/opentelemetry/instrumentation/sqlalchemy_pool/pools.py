@@ -486,9 +486,9 @@ class PoolRegistry:
             fairy_ref = record.fairy_ref
             if fairy_ref is not None and fairy_ref() is None:
                 # The fairy was garbage collected without being returned: a leak.
-                self.leaks.garbage_collected(record, hold)
+                self.telemetry.run_or_defer(self.leaks.garbage_collected, record, hold)
             elif not reset_state.transaction_was_reset and _in_transaction(dbapi_connection):
-                self.leaks.open_transaction_at_checkin(record, hold)
+                self.telemetry.run_or_defer(self.leaks.open_transaction_at_checkin, record, hold)
         except Exception:
             _log_hook_error("reset")
 

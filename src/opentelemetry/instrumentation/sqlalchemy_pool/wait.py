@@ -63,6 +63,8 @@ class WaitTimer:
         adopt = registry.adopt
         slow_wait = self._slow_wait
         timed_out = self._timed_out
+        deferred = self.telemetry.deferred
+        drain = self.telemetry.drain
 
         def _do_get(pool: Any) -> Any:
             recorder = pool.__dict__.get(POOL_RECORDER_ATTR)
@@ -70,6 +72,8 @@ class WaitTimer:
                 recorder = adopt(pool)
             if recorder is False or sys._getframe(1).f_code in inner_codes:
                 return original(pool)
+            if deferred:  # work queued during a garbage collection: a safe place to do it
+                drain()
             waiters = recorder.waiters
             used_before = len(recorder.holders)
             waiters.append(None)
