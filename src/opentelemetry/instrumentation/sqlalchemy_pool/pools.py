@@ -53,6 +53,7 @@ class Hold:
     """One checked-out connection: what the forensics and leak reports need, nothing more."""
 
     __slots__ = (
+        "__weakref__",
         "context",
         "exec_s",
         "leak_reported",
