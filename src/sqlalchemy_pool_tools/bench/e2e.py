@@ -9,6 +9,8 @@ measured load, then the app's own request and checkout counts. The load comes fr
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import re
 import shutil
 import socket
@@ -36,7 +38,14 @@ def free_port() -> int:
 class AppServer:
     """``uvicorn sqlalchemy_pool_tools.bench.e2e_app:app`` on 127.0.0.1 in a subprocess."""
 
-    def __init__(self, mode: str, url: URL, pool_size: int, interval_ms: float):
+    def __init__(
+        self,
+        mode: str,
+        url: URL,
+        pool_size: int,
+        interval_ms: float,
+        ours_options: dict[str, Any] | None = None,
+    ):
         self.mode = mode
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -45,6 +54,7 @@ class AppServer:
             SQLA_POOL_BENCH_DB_URL=url.render_as_string(hide_password=False),
             SQLA_POOL_BENCH_POOL_SIZE=str(pool_size),
             SQLA_POOL_BENCH_EXPORT_INTERVAL_MS=str(interval_ms),
+            SQLA_POOL_BENCH_OURS_OPTIONS=json.dumps(ours_options or {}),
         )
         command = [
             sys.executable,
@@ -78,6 +88,18 @@ class AppServer:
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"the e2e app did not start within {timeout_s:.0f}s")
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the app process has used so far."""
+        try:
+            import psutil
+
+            times = psutil.Process(self.process.pid).cpu_times()
+            return times.user + times.system
+        except ImportError:
+            with open(f"/proc/{self.process.pid}/stat", encoding="ascii") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stats(self) -> dict[str, Any]:
         return httpx.get(f"{self.base}/bench/stats", timeout=30.0).json()
@@ -223,13 +245,19 @@ def one_run(
         server.wait_ready()
         target = f"{server.base}/q"
         load(target, settings.e2e_connections, settings.e2e_warmup_s)
+        served0 = server.stats()["requests"]
+        cpu0 = server.cpu_seconds()
         result = load(target, settings.e2e_connections, settings.e2e_duration_s)
+        cpu1 = server.cpu_seconds()
         stats = server.stats()
+    # Server CPU per request: robust to a busy machine (throughput and latency are not).
+    result["cpu_ms_per_request"] = (cpu1 - cpu0) * 1000 / max(1, stats["requests"] - served0)
     if stats.get("ours_file") != ours_file():
         raise RuntimeError(f"the e2e app imported another instrumentor: {stats.get('ours_file')}")
     result["mode"] = mode
     result["served"] = stats["requests"]
     result["recorded_checkouts"] = stats["recorded_checkouts"]
+    result["spans"] = stats.get("spans", {})
     result["verified"] = (
         None if mode == "bare" else stats["recorded_checkouts"] == stats["requests"]
     )
@@ -247,13 +275,20 @@ def run_e2e_scenario(url_async: URL, settings: Any, progress: Progress) -> dict[
         runs.append(result)
         progress(
             f"[e2e] run {i + 1}/{len(order)} {mode:<4} {result['rps']:8.1f} req/s "
-            f"p99 {result['p99_ms']} ms errors {result['errors']}"
+            f"p99 {result['p99_ms']} ms, server CPU {result['cpu_ms_per_request']:.3f} ms/request, "
+            f"errors {result['errors']}"
         )
     by_mode = {mode: [r for r in runs if r["mode"] == mode] for mode in MODES}
     rows = []
     for mode in MODES:
         mine = by_mode[mode]
         flags = [r["verified"] for r in mine if r["verified"] is not None]
+        served = sum(r["served"] for r in mine)
+        spans: dict[str, int] = {}
+        for r in mine:
+            for name, count in r.get("spans", {}).items():
+                if name.startswith("sqlalchemy."):  # ours, not the FastAPI instrumentor's
+                    spans[name] = spans.get(name, 0) + count
         rows.append(
             {
                 "variant": mode,
@@ -263,12 +298,14 @@ def run_e2e_scenario(url_async: URL, settings: Any, progress: Progress) -> dict[
                 "rps": median(r["rps"] for r in mine),
                 "p50_ms": median(r["p50_ms"] for r in mine if r["p50_ms"] is not None),
                 "p99_ms": median(r["p99_ms"] for r in mine if r["p99_ms"] is not None),
+                "cpu_ms_per_request": median(r["cpu_ms_per_request"] for r in mine),
                 "errors": sum(r["errors"] for r in mine),
                 "requests": sum(r["served"] for r in mine),
                 "checkouts_recorded": None
                 if mode == "bare"
                 else sum(r["recorded_checkouts"] or 0 for r in mine),
                 "verified": all(flags) if flags else None,
+                "our_spans_per_request": {k: v / max(1, served) for k, v in spans.items()},
             }
         )
     bare, ours = rows
@@ -277,7 +314,12 @@ def run_e2e_scenario(url_async: URL, settings: Any, progress: Progress) -> dict[
     ours["p99_ratio"] = median(
         o["p99_ms"] / b["p99_ms"] for b, o in pairs if b["p99_ms"] and o["p99_ms"] is not None
     )
-    bare["rps_ratio"] = bare["p99_ratio"] = 1.0
+    ours["cpu_ratio"] = median(
+        o["cpu_ms_per_request"] / b["cpu_ms_per_request"]
+        for b, o in pairs
+        if b["cpu_ms_per_request"]
+    )
+    bare["rps_ratio"] = bare["p99_ratio"] = bare["cpu_ratio"] = 1.0
     return {
         "key": "e2e",
         "kind": "e2e",

@@ -5,7 +5,9 @@ Configured by environment variables (set by :mod:`.e2e`):
 - ``SQLA_POOL_BENCH_DB_URL``: a ``postgresql+asyncpg://`` URL;
 - ``SQLA_POOL_BENCH_MODE``: ``bare`` (FastAPI instrumentor only) or ``ours`` (FastAPI
   instrumentor + our instrumentor with its defaults);
-- ``SQLA_POOL_BENCH_POOL_SIZE`` (5) and ``SQLA_POOL_BENCH_EXPORT_INTERVAL_MS`` (1000).
+- ``SQLA_POOL_BENCH_POOL_SIZE`` (5) and ``SQLA_POOL_BENCH_EXPORT_INTERVAL_MS`` (1000);
+- ``SQLA_POOL_BENCH_OURS_OPTIONS``: a JSON object of extra ``instrument()`` keyword
+  arguments in ``ours`` mode (for experiments; the suite uses the defaults).
 
 Both modes use the same SDK providers: a periodic metric reader into an in-memory exporter
 and a batch span processor into a counting exporter. ``GET /q`` runs ``SELECT 1`` in a
@@ -16,6 +18,7 @@ served and how many checkouts the wait_time histogram recorded (they must be equ
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from collections.abc import AsyncIterator
@@ -49,6 +52,7 @@ if MODE == "ours":
         engine=engine,
         meter_provider=providers.meter_provider,
         tracer_provider=providers.tracer_provider,
+        **json.loads(os.environ.get("SQLA_POOL_BENCH_OURS_OPTIONS") or "{}"),
     )
 
 
@@ -84,11 +88,13 @@ async def stats() -> dict[str, Any]:
     while (served["inflight"] or engine.pool.checkedout()) and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     providers.flush_metrics()
+    providers.tracer_provider.force_flush()
     return {
         "mode": MODE,
         "requests": served["q"],
         "recorded_checkouts": providers.metrics.histogram_count(WAIT_TIME),
         "exports": providers.metrics.exports,
+        "spans": dict(providers.spans.by_name),
         "ours_file": ours_file(),
     }
 

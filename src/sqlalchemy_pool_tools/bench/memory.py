@@ -196,6 +196,9 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
         window = config["session_window"]
         result["sessions"]["tracemalloc"] = _tracemalloc_window(sessions, window)
         gc.collect()
+        # Telemetry of connections reclaimed inside a GC is done at the next checkout (the
+        # instrumentor never calls the SDK from a GC finalizer): make that safe point happen.
+        checkouts(1)
         result["checkouts_made"] = counts["checkouts"]
         result["leaked_sessions"] = counts["leaked"]
         result["recorded_checkouts"] = active.recorded_checkouts()

@@ -190,9 +190,9 @@ def _e2e_table(scenario: dict[str, Any]) -> list[str]:
     lines = [
         f"### {scenario['title']}",
         "",
-        "| variant | req/s | x bare | p50 ms | p99 ms | p99 x bare | errors "
-        "| checkouts recorded / requests | targets |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---|",
+        "| variant | req/s | x bare | p50 ms | p99 ms | p99 x bare | server CPU ms/request "
+        "| CPU x bare | errors | checkouts recorded / requests | our spans/request | targets |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
     ]
     for row in scenario["rows"]:
         if row["verified"] is None:
@@ -210,8 +210,15 @@ def _e2e_table(scenario: dict[str, Any]) -> list[str]:
                     _num(row["p50_ms"]),
                     _num(row["p99_ms"]),
                     _num(row["p99_ratio"], "{:.3f}"),
+                    _num(row.get("cpu_ms_per_request"), "{:.3f}"),
+                    _num(row.get("cpu_ratio"), "{:.3f}"),
                     str(row["errors"]),
                     verified,
+                    ", ".join(
+                        f"{name} {rate:.3f}"
+                        for name, rate in (row.get("our_spans_per_request") or {}).items()
+                    )
+                    or "0",
                     _targets_cell(row),
                 ]
             )
