@@ -161,8 +161,7 @@ class Telemetry:
         from .pg_activity import observe
 
         observe(meter, lambda: self.pg_samplers())
-        self._close_attrs: dict[tuple[str, str], dict[str, Any]] = {}
-        self._leak_attrs: dict[tuple[str, str], dict[str, Any]] = {}
+        self._count_attrs: dict[tuple[str, str, str], dict[str, Any]] = {}
 
     def reset(self) -> None:
         """Detach from the previous instrument() run (see telemetry_for)."""
@@ -255,21 +254,17 @@ class Telemetry:
             hook(None, hold, now, detached)
 
     def closed(self, recorder: PoolRecorder, reason: str) -> None:
-        if _gc_collecting[0]:
-            self.deferred.append((self.closed, (recorder, reason)))
-            return
-        key = (recorder.name, reason)
-        attrs = self._close_attrs.get(key)
-        if attrs is None:
-            attrs = self._close_attrs[key] = {**recorder.attrs, semconv.CLOSE_REASON: reason}
-        self.closes.add(1, attrs)
+        self._count("closes", semconv.CLOSE_REASON, recorder, reason)
 
     def leak(self, recorder: PoolRecorder, kind: str) -> None:
+        self._count("leaks", semconv.LEAK_KIND, recorder, kind)
+
+    def _count(self, counter: str, attribute: str, recorder: PoolRecorder, value: str) -> None:
         if _gc_collecting[0]:
-            self.deferred.append((self.leak, (recorder, kind)))
+            self.deferred.append((self._count, (counter, attribute, recorder, value)))
             return
-        key = (recorder.name, kind)
-        attrs = self._leak_attrs.get(key)
+        key = (recorder.name, attribute, value)
+        attrs = self._count_attrs.get(key)
         if attrs is None:
-            attrs = self._leak_attrs[key] = {**recorder.attrs, semconv.LEAK_KIND: kind}
-        self.leaks.add(1, attrs)
+            attrs = self._count_attrs[key] = {**recorder.attrs, attribute: value}
+        getattr(self, counter).add(1, attrs)
