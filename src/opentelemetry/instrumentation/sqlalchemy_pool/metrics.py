@@ -171,7 +171,6 @@ class Telemetry:
         self.release_hooks: list[ReleaseHook] = []
         # Work that reached us inside a garbage collection (see _gc_collecting).
         self.deferred: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
-        self.track_statements = True
 
     def bind(self, recorders: Callable[[], Iterable[PoolRecorder]]) -> None:
         self._recorders = recorders
@@ -246,7 +245,7 @@ class Telemetry:
             if route:
                 attrs = recorder.route_attrs(route)
         self.use_time.record(now - hold.t_out, attrs)
-        if self.track_statements:
+        if recorder.statements_timed:  # otherwise statement time is unknown, not zero
             idle = hold.idle_s(now)
             if idle >= HELD_IDLE_MIN_S:
                 self.held_idle_time.record(idle, attrs)

@@ -105,6 +105,9 @@ class PoolRecorder:
         self.waiters: list[None] = []  # one entry per caller inside the checkout (pending)
         self.last_holders_log = float("-inf")
         self._route_attrs: dict[str, dict[str, Any]] = {}
+        # Whether statements on this pool's engine are timed (see PoolRegistry.time_statements):
+        # without it, held-idle time is unknown and not recorded.
+        self.statements_timed = False
         # True/False once an AsyncSession used this pool (expire_on_commit review), else None.
         self.async_expire_on_commit: bool | None = None
         self.set_pool(pool)
@@ -320,6 +323,9 @@ class PoolRegistry:
             if engine in self._timed_engines:
                 return
             self._timed_engines.add(engine)
+            recorder = engine.pool.__dict__.get(POOL_RECORDER_ATTR)
+            if recorder:
+                recorder.statements_timed = True
             self._listen(engine, "before_cursor_execute", self._before_cursor_execute)
             self._listen(engine, "after_cursor_execute", self._after_cursor_execute)
             self._listen(engine, "handle_error", self._on_statement_error)
