@@ -1,9 +1,5 @@
-"""Benchmarks of the instrumentor (source checkout only; ``python -m benchmarks.run``).
+"""Benchmarks of the instrumentor, from a source checkout: ``python -m benchmarks.run``.
 
-``register`` is re-exported so the ``sqlalchemy-pool`` CLI finds the ``benchmarks``
-sub-command through this package when run from a source checkout.
+The suite itself lives in the installed package (``sqlalchemy_pool_tools.bench``, CLI
+``sqlalchemy-pool benchmarks``); this folder only holds the thin ``run`` wrapper.
 """
-
-from sqlalchemy_pool_tools.benchmarks_cli import register, run
-
-__all__ = ["register", "run"]

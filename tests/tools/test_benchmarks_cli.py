@@ -130,11 +130,13 @@ def test_e2e_rows(tiny: dict[str, Any]) -> None:
     for row in rows.values():
         assert _is_number(row["rps"]) and row["rps"] > 0
         assert _is_number(row["p99_ms"]) and row["p99_ms"] > 0
+        assert _is_number(row["cpu_ms_per_request"]) and row["cpu_ms_per_request"] > 0
         assert row["errors"] == 0
         assert row["requests"] > 0
     assert rows["ours"]["verified"] is True
     assert rows["ours"]["checkouts_recorded"] == rows["ours"]["requests"]
-    assert _is_number(rows["ours"]["rps_ratio"]) and _is_number(rows["ours"]["p99_ratio"])
+    for key in ("rps_ratio", "p99_ratio", "cpu_ratio"):
+        assert _is_number(rows["ours"][key]), key
 
 
 def test_memory_rows(tiny: dict[str, Any]) -> None:
