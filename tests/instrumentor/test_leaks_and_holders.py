@@ -86,7 +86,7 @@ def test_garbage_collected_sync_session(otel, make_sync_engine, caplog):
 
 
 def test_open_transaction_at_checkin(otel, make_sync_engine):
-    otel.instrument()
+    otel.instrument(statement_timing="all")  # raw DBAPI use: no Session times this engine
     engine = make_sync_engine(pool_logging_name="opentx")
     raw = engine.raw_connection()  # a DBAPI-level transaction the Connection never sees
     cursor = raw.cursor()
@@ -110,7 +110,7 @@ def test_timeout_wait_span_links_to_holders_and_logs_once(otel, make_sync_engine
     engine = make_sync_engine(
         pool_size=2, max_overflow=0, pool_timeout=0.2, pool_logging_name="forensics"
     )
-    otel.instrument(engines=[engine])
+    otel.instrument(engines=[engine], statement_timing="all")  # Core: statement counts
     tracer = otel.tracer_provider.get_tracer("t")
     release = threading.Event()
     holder_spans = []

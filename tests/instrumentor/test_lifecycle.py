@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool, QueuePool, SingletonThreadPool, StaticPool
+from sqlalchemy.pool.base import _ConnectionRecord
 
 
 def _pool_attr(name: str) -> dict[str, str]:
@@ -45,8 +46,8 @@ def test_uninstrument_removes_every_hook(otel, make_sync_engine):
     for name in ("after_begin", "after_commit", "after_rollback"):
         assert len(getattr(session.dispatch, name)) == 0, name
     assert "_otel_sqlalchemy_pool_recorder" not in engine.pool.__dict__
-    assert "_invoke_creator" in engine.pool.__dict__
-    assert not getattr(engine.pool.__dict__["_invoke_creator"], "_otel_wrapped", False)
+    for method in ("checkin", "_ConnectionRecord__connect"):  # the class-level wrappers
+        assert not hasattr(_ConnectionRecord.__dict__[method], "__wrapped__"), method
     before = len(otel.points("db.client.connection.wait_time"))
     with engine.connect() as conn:
         conn.execute(sa.text("select 1"))

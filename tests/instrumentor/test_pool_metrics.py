@@ -5,6 +5,9 @@ from __future__ import annotations
 import time
 
 import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from opentelemetry.instrumentation.sqlalchemy_pool.wait import SpanBudget
 
 POOL = "db.client.connection.pool.name"
 
@@ -98,7 +101,7 @@ async def test_async_engine_counts_and_wait_span(otel, make_async_engine):
 
 def test_fast_checkouts_create_no_span_and_record_histograms(otel, make_sync_engine):
     engine = make_sync_engine(pool_logging_name="fast")
-    otel.instrument(engines=[engine])  # explicit engines get statement timing up front
+    otel.instrument(engines=[engine], statement_timing="all")  # held-idle for Core use
     for _ in range(20):
         with engine.connect() as conn:
             conn.execute(sa.text("select 1"))
@@ -121,6 +124,59 @@ def test_fast_checkouts_create_no_span_and_record_histograms(otel, make_sync_eng
     (wait,) = otel.points("db.client.connection.wait_time")
     assert list(wait.explicit_bounds)[:2] == [0.0001, 0.00025]
     assert wait.sum < 1.0  # connect time is not counted as waiting
+
+
+def _held_idle_count(otel, pool: str) -> int:
+    points = [
+        p
+        for p in otel.points("sqlalchemy.pool.connection.held_idle_time")
+        if p.attributes.get(POOL) == pool
+    ]
+    return sum(p.count for p in points)
+
+
+def _hold_idle(engine: sa.Engine, session: bool = False) -> None:
+    if session:
+        with Session(engine) as db:
+            db.execute(sa.text("select 1"))
+            time.sleep(0.01)
+        return
+    with engine.connect() as conn:
+        conn.execute(sa.text("select 1"))
+        time.sleep(0.01)
+
+
+def test_statement_timing_follows_sessions_by_default(otel, make_sync_engine):
+    engine = make_sync_engine(pool_logging_name="lazy-timing")
+    otel.instrument(engines=[engine])
+    # The checkout/checkin hot path has no pool or engine event listeners of ours.
+    assert not engine.pool.dispatch.checkin and not engine.pool.dispatch.reset
+    _hold_idle(engine)
+    assert not engine.dispatch.before_cursor_execute
+    assert _held_idle_count(otel, "lazy-timing") == 0  # unknown, so not recorded as zero
+    _hold_idle(engine, session=True)  # a Session turns timing on for its engine
+    assert engine.dispatch.before_cursor_execute and engine.pool.dispatch.reset
+    assert _held_idle_count(otel, "lazy-timing") == 1
+    _hold_idle(engine)  # from then on Core use of that engine is timed too
+    assert _held_idle_count(otel, "lazy-timing") == 2
+    otel.instrumentor.uninstrument()
+    assert not engine.dispatch.before_cursor_execute and not engine.pool.dispatch.reset
+
+
+def test_statement_timing_all_and_off(otel, make_sync_engine):
+    otel.instrument(statement_timing="all")
+    timed = make_sync_engine(pool_logging_name="timed-all")  # created after instrument()
+    _hold_idle(timed)
+    assert _held_idle_count(otel, "timed-all") == 1
+    otel.instrumentor.uninstrument()
+    assert not timed.dispatch.before_cursor_execute
+
+    otel.instrument(statement_timing="off")
+    untimed = make_sync_engine(pool_logging_name="timed-off")
+    _hold_idle(untimed, session=True)
+    assert not untimed.dispatch.before_cursor_execute
+    assert _held_idle_count(otel, "timed-off") == 0
+    assert otel.value("db.client.connection.use_time", **_pool_attr("timed-off")) == 1
 
 
 def test_name_from_url_without_credentials(otel, make_sync_engine, sync_url):
@@ -321,3 +377,42 @@ def test_statement_timing_is_attached_per_engine_lazily(otel, make_sync_engine):
         if p.attributes["db.client.connection.pool.name"] == "orm"
     ]  # fmt: skip
     assert held_idle.count == 1 and held_idle.sum >= 0.02
+
+
+def test_wait_span_budget_per_pool(otel, make_sync_engine):
+    engine = make_sync_engine(
+        pool_size=1, max_overflow=0, pool_timeout=0.1, pool_logging_name="budget"
+    )
+    # Threshold 0: every checkout is a "slow wait"; one span per 100 s per pool.
+    otel.instrument(wait_span_threshold_ms=0, wait_spans_per_s=0.01)
+    for _ in range(10):
+        with engine.connect():
+            pass
+    assert len(otel.spans("sqlalchemy.pool.wait")) == 1  # the burst allowance
+    assert otel.value("db.client.connection.wait_time", **_pool_attr("budget")) == 10
+    held = engine.connect()
+    try:
+        engine.connect()  # a timeout always gets its span, budget or not
+    except sa.exc.TimeoutError:
+        pass
+    else:
+        raise AssertionError("expected a pool timeout")
+    finally:
+        held.close()
+    spans = otel.spans("sqlalchemy.pool.wait")
+    assert len(spans) == 2 and spans[1].attributes["error.type"] == "sqlalchemy.exc.TimeoutError"
+    # The timeout span counts the slow waits left without a span: 9 of the loop, and `held`.
+    assert spans[1].attributes["sqlalchemy.pool.waits_without_span"] == 10
+    with engine.connect():
+        pass
+    assert len(otel.spans("sqlalchemy.pool.wait")) == 2
+
+
+def test_span_budget_refills_at_its_rate():
+    budget = SpanBudget(2.0)  # burst of 2, then one every 0.5 s
+    assert [budget.take(10.0) for _ in range(3)] == [True, True, False]
+    assert budget.take(10.2) is False  # 0.4 of a token back
+    assert budget.take(10.5) is True
+    assert budget.take(10.4) is False  # an earlier end time (another thread) adds nothing
+    assert budget.take_skipped() == 3 and budget.take_skipped() == 0
+    assert all(SpanBudget(0).take(1.0) for _ in range(100))  # 0 = no limit

@@ -36,6 +36,7 @@ from sqlalchemy.pool import (
     SingletonThreadPool,
     StaticPool,
 )
+from sqlalchemy.pool.base import _ConnectionRecord
 
 from opentelemetry.instrumentation.sqlalchemy_pool import SQLAlchemyPoolInstrumentor, pools
 
@@ -592,8 +593,12 @@ SESSION_EVENTS = ("after_begin", "after_commit", "after_rollback")
 
 def test_uninstrument_leaves_nothing_behind(otel, hook_errors, make_sync_engine):
     originals = {
-        cls: cls.__dict__["_do_get"] for cls in _all_pool_classes() if "_do_get" in cls.__dict__
+        (cls, "_do_get"): cls.__dict__["_do_get"]
+        for cls in _all_pool_classes()
+        if "_do_get" in cls.__dict__
     }
+    for method in ("checkin", "_ConnectionRecord__connect"):
+        originals[(_ConnectionRecord, method)] = _ConnectionRecord.__dict__[method]
     engine = make_sync_engine(pool_size=2, pool_logging_name="uninst")
     creator_before = engine.pool.__dict__.get("_invoke_creator")
     otel.instrument(session_spans="all", set_application_name=True, leak_threshold_s=1)
@@ -602,8 +607,8 @@ def test_uninstrument_leaves_nothing_behind(otel, hook_errors, make_sync_engine)
     assert installed
     for target, name, fn in installed:
         assert event.contains(target, name, fn)
-    for cls, original in originals.items():
-        assert cls.__dict__["_do_get"] is not original
+    for (cls, method), original in originals.items():
+        assert cls.__dict__[method] is not original, (cls, method)
 
     held = engine.connect()  # held across uninstrument()
     with Session(engine) as session:
@@ -622,8 +627,8 @@ def test_uninstrument_leaves_nothing_behind(otel, hook_errors, make_sync_engine)
     from opentelemetry.instrumentation.sqlalchemy_pool import _set_application_name
 
     assert not event.contains(Engine, "do_connect", _set_application_name)
-    for cls, original in originals.items():
-        assert cls.__dict__["_do_get"] is original, cls
+    for (cls, method), original in originals.items():
+        assert cls.__dict__[method] is original, (cls, method)
     assert _our_listeners(engine.pool.dispatch, POOL_EVENTS) == []
     assert _our_listeners(engine.dispatch, ENGINE_EVENTS) == []
     assert _our_listeners(engine.dialect.dispatch, DIALECT_EVENTS) == []

@@ -177,7 +177,7 @@ V_OURS_WAIT_SPANS = Variant(
     "ours-wait-spans",
     "ours, defaults + a wait span for every checkout",
     OURS,
-    (("wait_span_threshold_ms", 0),),
+    (("wait_span_threshold_ms", 0), ("wait_spans_per_s", 0)),
 )
 
 CYCLE_VARIANTS: tuple[Variant, ...] = (

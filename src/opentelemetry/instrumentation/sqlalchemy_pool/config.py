@@ -21,6 +21,11 @@ SESSION_SPANS_ANOMALIES = "anomalies"
 SESSION_SPANS_NONE = "none"
 _SESSION_SPAN_MODES = (SESSION_SPANS_ALL, SESSION_SPANS_ANOMALIES, SESSION_SPANS_NONE)
 
+STATEMENT_TIMING_SESSIONS = "sessions"
+STATEMENT_TIMING_ALL = "all"
+STATEMENT_TIMING_OFF = "off"
+_STATEMENT_TIMING_MODES = (STATEMENT_TIMING_SESSIONS, STATEMENT_TIMING_ALL, STATEMENT_TIMING_OFF)
+
 
 @dataclass(frozen=True)
 class Option:
@@ -59,11 +64,14 @@ def _bool(text: str) -> bool:
     raise ValueError("must be true or false")
 
 
-def _session_span_mode(text: str) -> str:
-    lowered = text.strip().lower()
-    if lowered not in _SESSION_SPAN_MODES:
-        raise ValueError(f"must be one of {', '.join(_SESSION_SPAN_MODES)}")
-    return lowered
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        lowered = text.strip().lower()
+        if lowered not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return lowered
+
+    return parse
 
 
 def _pool_name(text: str) -> str:
@@ -80,11 +88,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("wait_span_threshold_ms", 100.0, _non_negative_float,
            "Emit a sqlalchemy.pool.wait span when a checkout waits at least this long (ms); "
            "timeouts always get one"),
-    Option("session_spans", SESSION_SPANS_ANOMALIES, _session_span_mode,
+    Option("wait_spans_per_s", 10.0, _non_negative_float,
+           "At most this many slow-wait spans per second per pool (0 = no limit); timeouts "
+           "always get one, the next span counts the waits left without one"),
+    Option("session_spans", SESSION_SPANS_ANOMALIES, _one_of(*_SESSION_SPAN_MODES),
            "Session spans: all | anomalies (slow or flagged) | none; "
            "metrics are recorded either way"),
     Option("session_span_threshold_ms", 1000.0, _non_negative_float,
            "In 'anomalies' mode, also emit session spans that held a connection this long (ms)"),
+    Option("statement_timing", STATEMENT_TIMING_SESSIONS, _one_of(*_STATEMENT_TIMING_MODES),
+           "Time statements (held-idle time, open-transaction checks): sessions (engines a "
+           "Session uses) | all (every engine; a few us per checkout) | off"),
     Option("leak_threshold_s", 30.0, _non_negative_float,
            "Report a connection checked out longer than this (s) while still held; 0 turns it off"),
     Option("capture_code_site", True, _bool,
@@ -108,8 +122,10 @@ OPTIONS_BY_NAME: Mapping[str, Option] = {option.name: option for option in OPTIO
 class Config:
     pool_name: str | Callable[[Any], str] | None
     wait_span_threshold_ms: float
+    wait_spans_per_s: float
     session_spans: str
     session_span_threshold_ms: float
+    statement_timing: str
     leak_threshold_s: float
     capture_code_site: bool
     holders_limit: int

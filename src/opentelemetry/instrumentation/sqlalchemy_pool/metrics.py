@@ -32,11 +32,11 @@ ReleaseHook = Callable[[Any, Hold, float, bool], None]
 # True while the cyclic garbage collector runs. Finalizers of leaked connections run inside
 # it, possibly in the middle of the OTel SDK's own (non-reentrant) locked code: calling the
 # SDK from there can deadlock. Such work is queued and done at the next safe point.
-_gc_collecting = [False]
+gc_collecting = [False]
 
 
 def _on_gc(phase: str, info: dict[str, Any]) -> None:
-    _gc_collecting[0] = phase == "start"
+    gc_collecting[0] = phase == "start"
 
 
 def watch_gc(enable: bool) -> None:
@@ -44,7 +44,7 @@ def watch_gc(enable: bool) -> None:
         gc.callbacks.append(_on_gc)
     elif not enable and _on_gc in gc.callbacks:
         gc.callbacks.remove(_on_gc)
-        _gc_collecting[0] = False
+        gc_collecting[0] = False
 
 
 _by_meter: weakref.WeakKeyDictionary[Meter, Telemetry] = weakref.WeakKeyDictionary()
@@ -169,7 +169,7 @@ class Telemetry:
         self.pg_samplers: Callable[[], Iterable[tuple[str, Any]]] = list
         # Hooks run when a checkout ends (sessions, leak reports), set by the instrumentor.
         self.release_hooks: list[ReleaseHook] = []
-        # Work that reached us inside a garbage collection (see _gc_collecting).
+        # Work that reached us inside a garbage collection (see gc_collecting).
         self.deferred: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
 
     def bind(self, recorders: Callable[[], Iterable[PoolRecorder]]) -> None:
@@ -212,7 +212,7 @@ class Telemetry:
     # -- reactions ----------------------------------------------------------------------------
     def run_or_defer(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn`` now, or queue it when called from inside a garbage collection."""
-        if _gc_collecting[0]:
+        if gc_collecting[0]:
             self.deferred.append((fn, args))
         else:
             if self.deferred:
@@ -221,7 +221,7 @@ class Telemetry:
 
     def drain(self) -> None:
         """Do the work queued during garbage collections (never called from inside one)."""
-        while self.deferred and not _gc_collecting[0]:
+        while self.deferred and not gc_collecting[0]:
             try:
                 fn, args = self.deferred.popleft()
             except IndexError:  # another thread drained it
@@ -232,11 +232,15 @@ class Telemetry:
                 _logger.debug("deferred telemetry failed", exc_info=True)
 
     def release(self, record: Any, hold: Hold, now: float, detached: bool = False) -> None:
-        """A checkout ended (checkin, invalidation, detach or garbage collection)."""
+        """A checkout ended (invalidation, detach or garbage collection; the checkin wrapper
+        in ``pools.py`` does the same inline)."""
         hold.recorder.holders.pop(record, None)  # "used" is exact immediately
-        self.run_or_defer(self._record_release, hold, now, detached)
+        if gc_collecting[0] or self.deferred:
+            self.run_or_defer(self.record_release, hold, now, detached)
+        else:
+            self.record_release(hold, now, detached)
 
-    def _record_release(self, hold: Hold, now: float, detached: bool) -> None:
+    def record_release(self, hold: Hold, now: float, detached: bool = False) -> None:
         recorder = hold.recorder
         attrs = recorder.attrs
         request = hold.request
@@ -249,8 +253,11 @@ class Telemetry:
             idle = hold.idle_s(now)
             if idle >= HELD_IDLE_MIN_S:
                 self.held_idle_time.record(idle, attrs)
-        for hook in self.release_hooks:
-            hook(None, hold, now, detached)
+        # The hooks (session periods, "returned after a long hold" logs) only concern holds
+        # owned by a Session or already reported; the common checkin skips the calls.
+        if hold.session is not None or hold.leak_reported:
+            for hook in self.release_hooks:
+                hook(None, hold, now, detached)
 
     def closed(self, recorder: PoolRecorder, reason: str) -> None:
         self._count("closes", semconv.CLOSE_REASON, recorder, reason)
@@ -259,7 +266,7 @@ class Telemetry:
         self._count("leaks", semconv.LEAK_KIND, recorder, kind)
 
     def _count(self, counter: str, attribute: str, recorder: PoolRecorder, value: str) -> None:
-        if _gc_collecting[0]:
+        if gc_collecting[0]:
             self.deferred.append((self._count, (counter, attribute, recorder, value)))
             return
         key = (recorder.name, attribute, value)

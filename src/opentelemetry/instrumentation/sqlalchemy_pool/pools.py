@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import logging
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -22,6 +23,7 @@ from time import perf_counter, time
 from typing import Any
 
 from sqlalchemy import event, exc
+from sqlalchemy.engine import Engine
 from sqlalchemy.pool import (
     AssertionPool,
     NullPool,
@@ -30,10 +32,12 @@ from sqlalchemy.pool import (
     SingletonThreadPool,
     StaticPool,
 )
+from sqlalchemy.pool import base as pool_base
+from sqlalchemy.pool.base import _ConnectionRecord
 
 from . import semconv
 from .codesite import CodeSite
-from .config import Config
+from .config import STATEMENT_TIMING_ALL, STATEMENT_TIMING_OFF, Config
 
 _logger = logging.getLogger(__name__)
 
@@ -277,9 +281,6 @@ class PoolRegistry:
         self._listeners: list[tuple[Callable[[], Any], str, Callable[..., Any]]] = []
         self._adopted_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
         self._timed_engines: weakref.WeakSet[Any] = weakref.WeakSet()
-        # Pools whose creator we wrapped; the original lives on the wrapper, so nothing here
-        # keeps a pool, its creator or its engine alive.
-        self._creator_patches: list[weakref.ref[Pool]] = []
         self._explicit_engines: list[weakref.ref[Any]] | None = None
         self._explicit_keys: set[tuple[int, int]] = set()
         self._names_in_use: set[str] = set()
@@ -290,17 +291,21 @@ class PoolRegistry:
     def install(self, engines: Iterable[Any] | None) -> None:
         for cls in _pool_classes():
             if "_do_get" in cls.__dict__:
-                original = cls.__dict__["_do_get"]
-                cls._do_get = self._wrap_do_get(original, self)
-                self._patched.append((cls, "_do_get", original))
-        pool_events = {
-            "checkin": self._on_checkin,
-            "reset": self._on_reset,
-            "detach": self._on_detach,
-            "close": self._on_close,
-            "invalidate": self._on_invalidate,
-        }
-        for name, fn in pool_events.items():
+                self._patch(cls, "_do_get", self._wrap_do_get(cls.__dict__["_do_get"], self))
+        # The checkin path: one wrapper, no event dispatch (a `checkin` or `reset` listener
+        # costs every checkin a dispatch and, for `reset`, a PoolResetState object).
+        record_methods = _ConnectionRecord.__dict__
+        self._patch(_ConnectionRecord, "checkin", self._wrap_checkin(record_methods["checkin"]))
+        self._patch(
+            _ConnectionRecord,
+            _RECORD_CONNECT,
+            self._wrap_connect(record_methods[_RECORD_CONNECT]),
+        )
+        for name, fn in (
+            ("detach", self._on_detach),
+            ("close", self._on_close),
+            ("invalidate", self._on_invalidate),
+        ):
             self._listen(Pool, name, fn)
         if engines is not None:
             self._explicit_engines = []
@@ -308,27 +313,42 @@ class PoolRegistry:
                 sync_engine = getattr(engine, "sync_engine", engine)
                 self._explicit_engines.append(weakref.ref(sync_engine))
                 self.adopt(sync_engine.pool, url=sync_engine.url)
-        for ref in self._explicit_engines or ():
-            engine = ref()
-            if engine is not None:
-                self.time_statements(engine)
+        if self.config.statement_timing == STATEMENT_TIMING_ALL:
+            if self._explicit_engines is None:
+                self.time_statements(Engine)  # class level: every engine, present and future
+            for ref in self._explicit_engines or ():
+                engine = ref()
+                if engine is not None:
+                    self.time_statements(engine)
+
+    def _patch(self, cls: type, name: str, replacement: Callable[..., Any]) -> None:
+        self._patched.append((cls, name, cls.__dict__[name]))
+        setattr(cls, name, replacement)
 
     def time_statements(self, engine: Any) -> None:
-        """Time statements on ``engine`` (held-idle time). Engine listeners make every
-        Connection of that engine dispatch events (a few µs per checkout), so they are added
-        per engine: up front for explicit engines, else when a Session first uses the engine."""
-        if engine in self._timed_engines:
+        """Time statements on ``engine`` (or on every engine when given the Engine class).
+
+        Feeds held-idle time and the open-transaction-at-checkin check. Engine listeners make
+        every Connection of the engine dispatch events (a few µs per checkout), so by default
+        (statement_timing=sessions) they are added when a Session first uses the engine."""
+        if self.config.statement_timing == STATEMENT_TIMING_OFF or engine in self._timed_engines:
             return
         with self._lock:
             if engine in self._timed_engines:
                 return
             self._timed_engines.add(engine)
-            recorder = engine.pool.__dict__.get(POOL_RECORDER_ATTR)
-            if recorder:
-                recorder.statements_timed = True
+            if engine is Engine:
+                for recorder in self._recorders.values():
+                    recorder.statements_timed = True
+            else:
+                recorder = engine.pool.__dict__.get(POOL_RECORDER_ATTR)
+                if recorder:
+                    recorder.statements_timed = True
             self._listen(engine, "before_cursor_execute", self._before_cursor_execute)
             self._listen(engine, "after_cursor_execute", self._after_cursor_execute)
             self._listen(engine, "handle_error", self._on_statement_error)
+            # On an engine this listens to its pool, and follows it across dispose().
+            self._listen(engine, "reset", self._on_reset)
 
     def _listen(self, target: Any, name: str, fn: Callable[..., Any]) -> None:
         event.listen(target, name, fn)
@@ -351,16 +371,10 @@ class PoolRegistry:
             except Exception:
                 _logger.debug("could not remove %s listener", name, exc_info=True)
         self._listeners.clear()
+        self._timed_engines = weakref.WeakSet()
         for cls, name, original in reversed(self._patched):
             setattr(cls, name, original)
         self._patched.clear()
-        for pool_ref in self._creator_patches:
-            pool = pool_ref()
-            wrapper = pool.__dict__.get("_invoke_creator") if pool is not None else None
-            original = getattr(wrapper, "_otel_original", None)
-            if original is not None:
-                pool.__dict__["_invoke_creator"] = original
-        self._creator_patches.clear()
         for recorder in list(self._recorders.values()):
             for record in list(recorder.holders):
                 record.__dict__.pop(HOLD_ATTR, None)
@@ -393,6 +407,7 @@ class PoolRegistry:
             else:
                 self.recorders()  # forgets pools that are gone: their names are free again
                 recorder = PoolRecorder(pool, self._name_for(pool, url))
+                recorder.statements_timed = Engine in self._timed_engines
                 self._recorders[id(recorder)] = recorder
                 for callback in self.on_new_recorder:
                     try:
@@ -401,7 +416,6 @@ class PoolRegistry:
                         _log_hook_error("new pool")
             if self._explicit_engines is not None:
                 self._explicit_keys.add(key)
-            self._patch_creator(pool, recorder)
             pool.__dict__[POOL_RECORDER_ATTR] = recorder
             self._adopted_pools.add(pool)
             for record in _pool_records(pool):
@@ -435,33 +449,34 @@ class PoolRegistry:
         self._names_in_use.add(name)
         return name
 
-    def _patch_creator(self, pool: Pool, recorder: PoolRecorder) -> None:
-        """Time DBAPI connects (create_time) and tag each new record with its recorder."""
-        original = pool.__dict__.get("_invoke_creator")
-        if original is None or getattr(original, "_otel_wrapped", False):
-            return
-        create_time = self.telemetry.create_time
-        attrs = recorder.attrs
+    def _wrap_connect(self, original: Callable[[Any], None]) -> Callable[[Any], None]:
+        """Time new DBAPI connections (create_time) and tag each record with its recorder.
 
-        def timed_creator(record: Any) -> Any:
+        Wraps ``_ConnectionRecord.__connect``: the DBAPI connect *and* the connect-time events
+        (the dialect's first-connect initialisation, the application's ``connect`` listeners),
+        i.e. until the connection is ready; the wait timer subtracts it from wait_time."""
+        create_time = self.telemetry.create_time
+
+        def connect(record: Any) -> None:
+            pool = getattr(record, "_ConnectionRecord__pool", None)
+            recorder = pool.__dict__.get(POOL_RECORDER_ATTR) if pool is not None else None
+            if not recorder:  # out of scope (False) or not ours
+                return original(record)
             # Tagged first so connect-time listeners (application_name) know the pool.
             record.__dict__[RECORD_RECORDER_ATTR] = recorder
             start = perf_counter()
-            connection = original(record)
+            original(record)
             elapsed = perf_counter() - start
             try:
                 # (when it ended, how long it took): the wait timer subtracts it only when the
                 # connect happened inside its own _do_get call, not in a later reconnect.
                 record.__dict__[CREATE_TIME_ATTR] = (start + elapsed, elapsed)
-                create_time.record(elapsed, attrs)
+                create_time.record(elapsed, recorder.attrs)
             except Exception:
                 _log_hook_error("connect")
-            return connection
 
-        timed_creator._otel_wrapped = True  # type: ignore[attr-defined]
-        timed_creator._otel_original = original  # type: ignore[attr-defined]
-        pool.__dict__["_invoke_creator"] = timed_creator
-        self._creator_patches.append(weakref.ref(pool))
+        connect.__wrapped__ = original  # type: ignore[attr-defined]
+        return connect
 
     def recorders(self) -> list[PoolRecorder]:
         """Live recorders; forgets those whose pools are gone and hold nothing."""
@@ -476,25 +491,49 @@ class PoolRegistry:
                 alive.append(recorder)
             return alive
 
-    # -- pool event listeners (class level; must never raise) ---------------------------------
-    def _on_checkin(self, dbapi_connection: Any, record: Any) -> None:
-        try:
+    # -- checkin and pool event listeners (must never raise) ---------------------------------
+    def _wrap_checkin(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        from .metrics import gc_collecting
+
+        telemetry = self.telemetry
+        record_release = telemetry.record_release
+        deferred = telemetry.deferred
+        run_or_defer = telemetry.run_or_defer
+        garbage_collected = self.leaks.garbage_collected
+
+        def checkin(record: Any, _fairy_was_created: bool = True) -> None:
+            # Popped before the record goes back to the queue, where another thread may
+            # check it out (and set its own hold) at once.
             hold = record.__dict__.pop(HOLD_ATTR, None)
             if hold is not None:
-                self.telemetry.release(record, hold, perf_counter())
-        except Exception:
-            _log_hook_error("checkin")
+                try:
+                    now = perf_counter()
+                    hold.recorder.holders.pop(record, None)  # "used" is exact immediately
+                    fairy_ref = record.fairy_ref
+                    if fairy_ref is not None and fairy_ref() is None:
+                        # Its fairy was garbage collected without being returned: a leak.
+                        run_or_defer(garbage_collected, record, hold)
+                    if gc_collecting[0] or deferred:
+                        run_or_defer(record_release, hold, now)
+                    else:
+                        record_release(hold, now)
+                except Exception:
+                    _log_hook_error("checkin")
+            return original(record, _fairy_was_created)
+
+        checkin.__wrapped__ = original  # type: ignore[attr-defined]
+        return checkin
 
     def _on_reset(self, dbapi_connection: Any, record: Any, reset_state: Any) -> None:
+        """Timed engines only: a connection returned with its transaction still open."""
         try:
             hold = record.__dict__.get(HOLD_ATTR) if record is not None else None
-            if hold is None:
+            if hold is None or reset_state.transaction_was_reset:
                 return
             fairy_ref = record.fairy_ref
             if fairy_ref is not None and fairy_ref() is None:
-                # The fairy was garbage collected without being returned: a leak.
-                self.telemetry.run_or_defer(self.leaks.garbage_collected, record, hold)
-            elif not reset_state.transaction_was_reset and _in_transaction(dbapi_connection):
+                return  # garbage collected: reported as such at checkin
+            if _in_transaction(dbapi_connection):
                 self.telemetry.run_or_defer(self.leaks.open_transaction_at_checkin, record, hold)
         except Exception:
             _log_hook_error("reset")
@@ -504,6 +543,10 @@ class PoolRegistry:
             hold = record.__dict__.pop(HOLD_ATTR, None)
             recorder = record.__dict__.get(RECORD_RECORDER_ATTR)
             if hold is not None:
+                if _finalizing_garbage():
+                    # Async dialects detach (terminate) a garbage-collected connection instead
+                    # of checking it in: a leak, like the sync case seen at checkin.
+                    self.telemetry.run_or_defer(self.leaks.garbage_collected, record, hold)
                 self.telemetry.release(record, hold, perf_counter(), detached=True)
                 recorder = hold.recorder
             if recorder is not None:
@@ -589,6 +632,28 @@ def _hold_of(conn: Any) -> Hold | None:
         return None
     record = getattr(fairy, "_connection_record", None)
     return record.__dict__.get(HOLD_ATTR) if record is not None else None
+
+
+# _ConnectionRecord.__connect (name-mangled): opens the DBAPI connection, runs connect events.
+_RECORD_CONNECT = "_ConnectionRecord__connect"
+_FINALIZE_FAIRY_CODE = getattr(getattr(pool_base, "_finalize_fairy", None), "__code__", None)
+
+
+def _finalizing_garbage() -> bool:
+    """Whether SQLAlchemy is finalizing a garbage-collected connection further up the stack.
+
+    Only called on the rare detach path. ``_finalize_fairy`` gets ``is_gc_cleanup=True``
+    (SQLAlchemy 2.1) or the dead weak reference ``ref`` (2.0) when the GC reclaimed the fairy.
+    """
+    frame = sys._getframe(1)
+    for _ in range(10):
+        if frame is None:
+            return False
+        if frame.f_code is _FINALIZE_FAIRY_CODE:
+            local_vars = frame.f_locals
+            return bool(local_vars.get("is_gc_cleanup") or local_vars.get("ref") is not None)
+        frame = frame.f_back
+    return False
 
 
 def _in_transaction(dbapi_connection: Any) -> bool:

@@ -86,6 +86,8 @@ POOL_CHECKED_OUT: Final = "sqlalchemy.pool.checked_out"
 POOL_PENDING: Final = "sqlalchemy.pool.pending"
 POOL_TIMEOUT: Final = "sqlalchemy.pool.timeout"
 POOL_CLASS: Final = "sqlalchemy.pool.class"
+# Slow waits of this pool that got no span (wait_spans_per_s budget) since the previous span.
+WAITS_WITHOUT_SPAN: Final = "sqlalchemy.pool.waits_without_span"
 # Holders snapshot (pool-timeout forensics) on wait spans.
 HOLDERS_COUNT: Final = "sqlalchemy.pool.holders.count"
 HOLDERS_TOP_SITES: Final = "sqlalchemy.pool.holders.top_code_sites"

@@ -22,6 +22,7 @@ import contextvars
 import logging
 import time
 import weakref
+from collections.abc import Callable
 from time import perf_counter
 from typing import Any
 
@@ -64,6 +65,11 @@ _request_state: contextvars.ContextVar[RequestState | None] = contextvars.Contex
 
 def current_request() -> RequestState | None:
     return _request_state.get()
+
+
+def current_request_getter() -> Callable[[], RequestState | None]:
+    """:func:`current_request` as a bound method, for the checkout hot path."""
+    return _request_state.get
 
 
 class SessionTracker:

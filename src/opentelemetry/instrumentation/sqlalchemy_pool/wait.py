@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
@@ -32,13 +33,58 @@ from .pools import (
     PoolRecorder,
     _log_hook_error,
 )
-from .sessions import current_request
+from .sessions import current_request_getter
 
 if TYPE_CHECKING:
     from .holders import HolderForensics
     from .pools import PoolRegistry
 
 _TIMEOUT_ERROR_TYPE = f"{exc.TimeoutError.__module__}.{exc.TimeoutError.__qualname__}"
+
+
+def _context_getter() -> Callable[[], Any]:
+    """``context.get_current`` without its two Python frames when the runtime context is the
+    default contextvars one (it is what ``get_current`` reads); the API call otherwise."""
+    try:
+        from opentelemetry.context import _RUNTIME_CONTEXT
+        from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
+
+        if type(_RUNTIME_CONTEXT) is ContextVarsRuntimeContext:
+            return _RUNTIME_CONTEXT._current_context.get  # type: ignore[attr-defined]
+    except (ImportError, AttributeError):
+        pass
+    return otel_context.get_current
+
+
+class SpanBudget:
+    """A token bucket: at saturation most checkouts wait past the threshold, and a span with
+    holder links for each of them would cost the most exactly when the pool is the bottleneck.
+    The wait_time histogram still records every checkout."""
+
+    __slots__ = ("last", "per_s", "skipped", "tokens")
+
+    def __init__(self, per_s: float):
+        self.per_s = per_s
+        self.tokens = max(1.0, per_s)  # a burst of up to one second's worth
+        self.last: float | None = None
+        self.skipped = 0  # slow waits without a span since the last span
+
+    def take(self, now: float) -> bool:
+        if self.per_s <= 0:
+            return True
+        # Waits end out of order across threads: time never runs backwards for the bucket.
+        elapsed = 0.0 if self.last is None else max(0.0, now - self.last)
+        self.last = now if self.last is None else max(self.last, now)
+        self.tokens = min(max(1.0, self.per_s), self.tokens + elapsed * self.per_s)
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        self.skipped += 1
+        return False
+
+    def take_skipped(self) -> int:
+        skipped, self.skipped = self.skipped, 0
+        return skipped
 
 
 class WaitTimer:
@@ -50,12 +96,16 @@ class WaitTimer:
         self.tracer = tracer
         self.forensics = forensics
         self._original_codes: set[Any] = set()
+        self._budgets: weakref.WeakKeyDictionary[PoolRecorder, SpanBudget] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def wrap(self, original: Callable[[Any], Any], registry: PoolRegistry) -> Callable[[Any], Any]:
         wait_time = self.telemetry.wait_time
         threshold = self.config.wait_span_threshold_s
         capture_site = self.config.capture_code_site
-        get_context = otel_context.get_current
+        get_context = _context_getter()
+        get_request = current_request_getter()
         # Codes of every wrapped original: QueuePool._do_get retries by calling itself, and a
         # pool subclass's _do_get may call super()._do_get(); only the outermost call is timed.
         inner_codes = self._original_codes
@@ -102,7 +152,7 @@ class WaitTimer:
                     end,
                     get_context(),
                     find_code_site(sys._getframe(1)) if capture_site else None,
-                    current_request(),
+                    get_request(),
                 )
                 record_dict[HOLD_ATTR] = hold
                 record_dict[RECORD_RECORDER_ATTR] = recorder
@@ -143,6 +193,9 @@ class WaitTimer:
         links, summary = self.forensics.snapshot_links(recorder)
         attributes = self._span_attributes(recorder, used_before, pending)
         attributes.update(summary)
+        skipped = self._budget(recorder).take_skipped()
+        if skipped:
+            attributes[semconv.WAITS_WITHOUT_SPAN] = skipped
         span = self.tracer.start_span(
             semconv.WAIT_SPAN_NAME,
             kind=SpanKind.INTERNAL,
@@ -152,9 +205,17 @@ class WaitTimer:
         )
         return span, start_ns + int((end - start) * 1e9)
 
+    def _budget(self, recorder: PoolRecorder) -> SpanBudget:
+        budget = self._budgets.get(recorder)
+        if budget is None:
+            budget = self._budgets[recorder] = SpanBudget(self.config.wait_spans_per_s)
+        return budget
+
     def _slow_wait(
         self, recorder: PoolRecorder, start: float, end: float, used_before: int, pending: int
     ) -> None:
+        if not self._budget(recorder).take(end):
+            return
         span, end_ns = self._start_span(recorder, start, end, used_before, pending)
         span.end(end_time=end_ns)
 
