@@ -22,7 +22,9 @@ def _pool_attr(name: str) -> dict[str, str]:
 
 
 def test_uninstrument_removes_every_hook(otel, make_sync_engine):
-    originals = {
+    methods = ("checkout", "checkin", "_ConnectionRecord__connect")
+    originals = {name: _ConnectionRecord.__dict__[name] for name in methods}
+    pool_methods = {
         cls: cls.__dict__["_do_get"]
         for cls in (QueuePool, NullPool, StaticPool, SingletonThreadPool)
     }
@@ -30,9 +32,12 @@ def test_uninstrument_removes_every_hook(otel, make_sync_engine):
     otel.instrument()
     with engine.connect() as conn:
         conn.execute(sa.text("select 1"))
-    assert QueuePool.__dict__["_do_get"] is not originals[QueuePool]
+    for name, original in originals.items():
+        assert _ConnectionRecord.__dict__[name] is not original, name
     otel.instrumentor.uninstrument()
-    for cls, original in originals.items():
+    for name, original in originals.items():
+        assert _ConnectionRecord.__dict__[name] is original, name
+    for cls, original in pool_methods.items():  # pool classes are never patched
         assert cls.__dict__["_do_get"] is original
     fresh = make_sync_engine()
     for pool in (engine.pool, fresh.pool):
@@ -48,6 +53,7 @@ def test_uninstrument_removes_every_hook(otel, make_sync_engine):
     assert "_otel_sqlalchemy_pool_recorder" not in engine.pool.__dict__
     for method in ("checkin", "_ConnectionRecord__connect"):  # the class-level wrappers
         assert not hasattr(_ConnectionRecord.__dict__[method], "__wrapped__"), method
+    assert not hasattr(_ConnectionRecord.__dict__["checkout"].__func__, "__wrapped__")
     before = len(otel.points("db.client.connection.wait_time"))
     with engine.connect() as conn:
         conn.execute(sa.text("select 1"))

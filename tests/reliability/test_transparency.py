@@ -125,7 +125,7 @@ def describe(error: BaseException) -> tuple[Any, ...]:
 
     The only normalisation: AssertionPool's message embeds the stack of the first checkout
     (SQLAlchemy trims its own trailing frames from it). With the instrumentor that stack also
-    holds the ``_do_get`` wrapper's frame, which stops the trimming, so SQLAlchemy-internal
+    holds the checkout wrapper's frame, which stops the trimming, so SQLAlchemy-internal
     frames show up too. Those frames -- ours and SQLAlchemy's, never the application's -- are
     removed before comparing; see test_assertion_pool_stack_differs_only_by_library_frames and
     docs/guarantees.md.
@@ -592,13 +592,11 @@ SESSION_EVENTS = ("after_begin", "after_commit", "after_rollback")
 
 
 def test_uninstrument_leaves_nothing_behind(otel, hook_errors, make_sync_engine):
+    pool_methods = {cls: cls.__dict__.get("_do_get") for cls in _all_pool_classes()}
     originals = {
-        (cls, "_do_get"): cls.__dict__["_do_get"]
-        for cls in _all_pool_classes()
-        if "_do_get" in cls.__dict__
+        (_ConnectionRecord, method): _ConnectionRecord.__dict__[method]
+        for method in ("checkout", "checkin", "_ConnectionRecord__connect")
     }
-    for method in ("checkin", "_ConnectionRecord__connect"):
-        originals[(_ConnectionRecord, method)] = _ConnectionRecord.__dict__[method]
     engine = make_sync_engine(pool_size=2, pool_logging_name="uninst")
     creator_before = engine.pool.__dict__.get("_invoke_creator")
     otel.instrument(session_spans="all", set_application_name=True, leak_threshold_s=1)
@@ -629,6 +627,7 @@ def test_uninstrument_leaves_nothing_behind(otel, hook_errors, make_sync_engine)
     assert not event.contains(Engine, "do_connect", _set_application_name)
     for (cls, method), original in originals.items():
         assert cls.__dict__[method] is original, (cls, method)
+    assert {cls: cls.__dict__.get("_do_get") for cls in _all_pool_classes()} == pool_methods
     assert _our_listeners(engine.pool.dispatch, POOL_EVENTS) == []
     assert _our_listeners(engine.dispatch, ENGINE_EVENTS) == []
     assert _our_listeners(engine.dialect.dispatch, DIALECT_EVENTS) == []

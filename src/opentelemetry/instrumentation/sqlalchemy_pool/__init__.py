@@ -228,9 +228,9 @@ class _ApplicationName:
 def _set_application_name(dialect: Any, record: Any, cargs: Any, cparams: Any) -> None:
     try:
         from .pg_activity import application_name_for, apply_application_name
-        from .pools import RECORD_RECORDER_ATTR
+        from .pools import recorder_of
 
-        recorder = record.__dict__.get(RECORD_RECORDER_ATTR) if record is not None else None
+        recorder = recorder_of(record) if record is not None else None
         if recorder is not None and dialect.name == "postgresql":
             apply_application_name(dialect.driver, cparams, application_name_for(recorder.name))
     except Exception:

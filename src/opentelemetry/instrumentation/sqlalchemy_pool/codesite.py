@@ -50,13 +50,15 @@ def _library_prefixes() -> tuple[str, ...]:
 
 
 _prefixes: tuple[str, ...] | None = None
-_skip_cache: dict[CodeType, bool] = {}
+# id(code) -> (code, skip). Keyed by id because hashing a code object hashes its contents
+# (~0.25 µs, per frame, per checkout); the code object is kept to make the id unambiguous.
+_skip_cache: dict[int, tuple[CodeType, bool]] = {}
 
 
 def _is_library(code: CodeType) -> bool:
-    cached = _skip_cache.get(code)
-    if cached is not None:
-        return cached
+    cached = _skip_cache.get(id(code))
+    if cached is not None and cached[0] is code:
+        return cached[1]
     global _prefixes
     if _prefixes is None:
         _prefixes = _library_prefixes()
@@ -66,8 +68,9 @@ def _is_library(code: CodeType) -> bool:
         or filename.startswith("<")  # SQLAlchemy-generated wrappers, frozen modules
         or os.path.abspath(filename).startswith(_prefixes)
     )
-    if len(_skip_cache) < 50_000:  # bounded: code objects are few, but be safe
-        _skip_cache[code] = skip
+    if len(_skip_cache) >= 50_000:  # bounded: code objects are few, but be safe
+        _skip_cache.clear()
+    _skip_cache[id(code)] = (code, skip)
     return skip
 
 

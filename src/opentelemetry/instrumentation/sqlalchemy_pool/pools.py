@@ -4,10 +4,11 @@ Data flows one way: SQLAlchemy pool events and the checkout wait -> :class:`Pool
 (plain ints, dicts and ``perf_counter`` stamps) -> OTel instruments (``metrics.py``) and
 spans (``wait.py``, ``sessions.py``, ``leaks.py``).
 
-How pools are found: ``_do_get`` (the method every pool class uses to hand out a connection
-record) is wrapped at class level, so the first checkout of *any* pool -- including pools of
-engines built before ``instrument()`` -- adopts it. Pool events are listened to at class level
-and mapped back to the recorder through an attribute on the connection record.
+How pools are found: ``_ConnectionRecord.checkout(pool)`` (the one entry of every new checkout,
+whatever the pool class) is wrapped at class level, so the first checkout of *any* pool --
+including pools of engines built before ``instrument()`` -- adopts it. Checkins and new
+connections are class-level wrappers too; the rare pool events (detach, close, invalidate) are
+class-level listeners. A connection record maps back to its recorder through its pool.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ _logger = logging.getLogger(__name__)
 
 # Attribute names we put on SQLAlchemy objects (removed again by uninstrument()).
 POOL_RECORDER_ATTR = "_otel_sqlalchemy_pool_recorder"  # on Pool: PoolRecorder, or False = not ours
-RECORD_RECORDER_ATTR = "_otel_sqlalchemy_pool_recorder"  # on _ConnectionRecord: PoolRecorder
 HOLD_ATTR = "_otel_sqlalchemy_pool_hold"  # on _ConnectionRecord while checked out
 CREATE_TIME_ATTR = "_otel_sqlalchemy_pool_create"  # (end, seconds) of the last DBAPI connect
 CLOSE_REASON_ATTR = "_otel_sqlalchemy_pool_close_reason"  # set by invalidate, read by close
@@ -269,12 +269,14 @@ def name_from_url(url: Any) -> str | None:
 class PoolRegistry:
     """Owns every recorder and every hook we install; the only code that touches SQLAlchemy."""
 
-    def __init__(self, config: Config, telemetry: Any, leaks: Any, wrap_do_get: Callable[..., Any]):
+    def __init__(
+        self, config: Config, telemetry: Any, leaks: Any, wrap_checkout: Callable[..., Any]
+    ):
         self.config = config
         self.telemetry = telemetry  # metrics.Telemetry
         self.leaks = leaks  # leaks.LeakDetector
         self.sessions: Any = None  # sessions.SessionTracking, when session tracking is on
-        self._wrap_do_get = wrap_do_get
+        self._wrap_checkout = wrap_checkout
         self._recorders: dict[int, PoolRecorder] = {}  # id(recorder) -> recorder
         self._lock = threading.RLock()
         self._patched: list[tuple[type, str, Any]] = []
@@ -289,12 +291,11 @@ class PoolRegistry:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def install(self, engines: Iterable[Any] | None) -> None:
-        for cls in _pool_classes():
-            if "_do_get" in cls.__dict__:
-                self._patch(cls, "_do_get", self._wrap_do_get(cls.__dict__["_do_get"], self))
-        # The checkin path: one wrapper, no event dispatch (a `checkin` or `reset` listener
-        # costs every checkin a dispatch and, for `reset`, a PoolResetState object).
+        # The hot path is wrappers, not events: a `checkout`/`checkin`/`reset` listener costs
+        # every cycle SQLAlchemy's dispatch (and, for `reset`, a PoolResetState object).
         record_methods = _ConnectionRecord.__dict__
+        checkout = self._wrap_checkout(record_methods["checkout"].__func__, self)
+        self._patch(_ConnectionRecord, "checkout", classmethod(checkout))
         self._patch(_ConnectionRecord, "checkin", self._wrap_checkin(record_methods["checkin"]))
         self._patch(
             _ConnectionRecord,
@@ -378,12 +379,11 @@ class PoolRegistry:
         for recorder in list(self._recorders.values()):
             for record in list(recorder.holders):
                 record.__dict__.pop(HOLD_ATTR, None)
-                record.__dict__.pop(RECORD_RECORDER_ATTR, None)
             recorder.holders.clear()
         for pool in list(self._adopted_pools):
             pool.__dict__.pop(POOL_RECORDER_ATTR, None)
             for record in _pool_records(pool):
-                for attr in (RECORD_RECORDER_ATTR, HOLD_ATTR, CREATE_TIME_ATTR, CLOSE_REASON_ATTR):
+                for attr in (HOLD_ATTR, CREATE_TIME_ATTR, CLOSE_REASON_ATTR):
                     record.__dict__.pop(attr, None)
         self._recorders.clear()
         self._names_in_use.clear()
@@ -418,8 +418,6 @@ class PoolRegistry:
                 self._explicit_keys.add(key)
             pool.__dict__[POOL_RECORDER_ATTR] = recorder
             self._adopted_pools.add(pool)
-            for record in _pool_records(pool):
-                record.__dict__[RECORD_RECORDER_ATTR] = recorder
             return recorder
 
     def _find_previous_generation(self, key: tuple[int, int]) -> PoolRecorder | None:
@@ -458,18 +456,15 @@ class PoolRegistry:
         create_time = self.telemetry.create_time
 
         def connect(record: Any) -> None:
-            pool = getattr(record, "_ConnectionRecord__pool", None)
-            recorder = pool.__dict__.get(POOL_RECORDER_ATTR) if pool is not None else None
-            if not recorder:  # out of scope (False) or not ours
+            recorder = recorder_of(record)
+            if recorder is None:
                 return original(record)
-            # Tagged first so connect-time listeners (application_name) know the pool.
-            record.__dict__[RECORD_RECORDER_ATTR] = recorder
             start = perf_counter()
             original(record)
             elapsed = perf_counter() - start
             try:
                 # (when it ended, how long it took): the wait timer subtracts it only when the
-                # connect happened inside its own _do_get call, not in a later reconnect.
+                # connect happened inside its own checkout, not in a later reconnect.
                 record.__dict__[CREATE_TIME_ATTR] = (start + elapsed, elapsed)
                 create_time.record(elapsed, recorder.attrs)
             except Exception:
@@ -541,7 +536,7 @@ class PoolRegistry:
     def _on_detach(self, dbapi_connection: Any, record: Any) -> None:
         try:
             hold = record.__dict__.pop(HOLD_ATTR, None)
-            recorder = record.__dict__.get(RECORD_RECORDER_ATTR)
+            recorder = recorder_of(record)
             if hold is not None:
                 if _finalizing_garbage():
                     # Async dialects detach (terminate) a garbage-collected connection instead
@@ -571,12 +566,12 @@ class PoolRegistry:
 
     def _on_close(self, dbapi_connection: Any, record: Any) -> None:
         try:
-            recorder = record.__dict__.get(RECORD_RECORDER_ATTR)
+            recorder = recorder_of(record)
             if recorder is None:
                 return
             reason = record.__dict__.pop(CLOSE_REASON_ATTR, None)
             if reason is None:
-                if HOLD_ATTR in record.__dict__:
+                if _caller_frame(_GET_CONNECTION_CODE) is not None:
                     # Closed while being checked out: too old (pool_recycle), or stale after
                     # a pool-wide invalidation (SQLAlchemy does one after each disconnect).
                     recycle = getattr(recorder.pool_ref(), "_recycle", recorder.recycle)
@@ -624,6 +619,13 @@ class PoolRegistry:
             _log_hook_error("after_cursor_execute")
 
 
+def recorder_of(record: Any) -> PoolRecorder | None:
+    """The recorder of a connection record's pool (None when the pool is not ours)."""
+    pool = getattr(record, "_ConnectionRecord__pool", None)  # name-mangled private attribute
+    recorder = pool.__dict__.get(POOL_RECORDER_ATTR) if pool is not None else None
+    return recorder or None
+
+
 def _hold_of(conn: Any) -> Hold | None:
     if conn is None:
         return None
@@ -637,23 +639,33 @@ def _hold_of(conn: Any) -> Hold | None:
 # _ConnectionRecord.__connect (name-mangled): opens the DBAPI connection, runs connect events.
 _RECORD_CONNECT = "_ConnectionRecord__connect"
 _FINALIZE_FAIRY_CODE = getattr(getattr(pool_base, "_finalize_fairy", None), "__code__", None)
+_GET_CONNECTION_CODE = getattr(_ConnectionRecord.get_connection, "__code__", None)
+
+
+def _caller_frame(code: Any, max_depth: int = 10) -> Any:
+    """The frame running ``code`` further up the stack, or None. Rare paths only: walking the
+    stack is how a listener learns what SQLAlchemy is in the middle of."""
+    frame = sys._getframe(2)
+    for _ in range(max_depth):
+        if frame is None or code is None:
+            return None
+        if frame.f_code is code:
+            return frame
+        frame = frame.f_back
+    return None
 
 
 def _finalizing_garbage() -> bool:
     """Whether SQLAlchemy is finalizing a garbage-collected connection further up the stack.
 
-    Only called on the rare detach path. ``_finalize_fairy`` gets ``is_gc_cleanup=True``
-    (SQLAlchemy 2.1) or the dead weak reference ``ref`` (2.0) when the GC reclaimed the fairy.
+    ``_finalize_fairy`` gets ``is_gc_cleanup=True`` (SQLAlchemy 2.1) or the dead weak reference
+    ``ref`` (2.0) when the GC reclaimed the fairy.
     """
-    frame = sys._getframe(1)
-    for _ in range(10):
-        if frame is None:
-            return False
-        if frame.f_code is _FINALIZE_FAIRY_CODE:
-            local_vars = frame.f_locals
-            return bool(local_vars.get("is_gc_cleanup") or local_vars.get("ref") is not None)
-        frame = frame.f_back
-    return False
+    frame = _caller_frame(_FINALIZE_FAIRY_CODE)
+    if frame is None:
+        return False
+    local_vars = frame.f_locals
+    return bool(local_vars.get("is_gc_cleanup") or local_vars.get("ref") is not None)
 
 
 def _in_transaction(dbapi_connection: Any) -> bool:
@@ -701,18 +713,6 @@ def _pool_records(pool: Pool) -> Iterator[Any]:
     single = pool.__dict__.get("connection") or getattr(pool, "_conn", None)
     if single is not None:
         yield single
-
-
-def _pool_classes() -> list[type]:
-    seen: list[type] = []
-    stack: list[type] = [Pool]
-    while stack:
-        cls = stack.pop()
-        if cls in seen:
-            continue
-        seen.append(cls)
-        stack.extend(cls.__subclasses__())
-    return seen
 
 
 _logged_hooks: set[str] = set()

@@ -1,10 +1,11 @@
 """Timing the checkout: wait_time, pending requests, timeouts and ``sqlalchemy.pool.wait`` spans.
 
-Every pool class's ``_do_get`` is wrapped. The wrapper is the hot path of every request, so a
-checkout that did not wait costs two ``perf_counter`` calls, a list append/pop (the pending
-count, atomic under the GIL), one dict write and the ``wait_time`` record. Time spent opening
-a new DBAPI connection inside ``_do_get`` is measured by the creator wrapper (``pools.py``)
-and subtracted, so ``wait_time`` and ``create_time`` never mix.
+``_ConnectionRecord.checkout`` (the one entry of every new checkout, whatever the pool class) is
+wrapped at class level. The wrapper is the hot path of every request, so a checkout that did not
+wait costs two ``perf_counter`` calls, a list append/pop (the pending count, atomic under the
+GIL), a ``Hold``, two dict writes and the ``wait_time`` record. Time spent opening a new DBAPI
+connection inside the checkout is measured by the connect wrapper (``pools.py``) and
+subtracted, so ``wait_time`` and ``create_time`` never mix.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from .pools import (
     CREATE_TIME_ATTR,
     HOLD_ATTR,
     POOL_RECORDER_ATTR,
-    RECORD_RECORDER_ATTR,
     Hold,
     PoolRecorder,
     _log_hook_error,
@@ -88,40 +88,40 @@ class SpanBudget:
 
 
 class WaitTimer:
-    """Builds the ``_do_get`` wrappers and emits wait spans."""
+    """Builds the checkout wrapper and emits wait spans."""
 
     def __init__(self, config: Config, telemetry: Any, tracer: Tracer, forensics: HolderForensics):
         self.config = config
         self.telemetry = telemetry
         self.tracer = tracer
         self.forensics = forensics
-        self._original_codes: set[Any] = set()
         self._budgets: weakref.WeakKeyDictionary[PoolRecorder, SpanBudget] = (
             weakref.WeakKeyDictionary()
         )
 
-    def wrap(self, original: Callable[[Any], Any], registry: PoolRegistry) -> Callable[[Any], Any]:
+    def wrap(self, original: Callable[[Any], Any], registry: PoolRegistry) -> Callable[..., Any]:
+        """The wrapper of ``_ConnectionRecord.checkout(pool)`` (``original``: its function).
+
+        That classmethod is the one entry of every new checkout, for every pool class: it
+        calls ``pool._do_get()`` (where the wait happens; QueuePool's retries recurse inside
+        it, unseen), reconnects a recycled or invalidated record, and returns the fairy."""
         wait_time = self.telemetry.wait_time
         threshold = self.config.wait_span_threshold_s
         capture_site = self.config.capture_code_site
         get_context = _context_getter()
         get_request = current_request_getter()
-        # Codes of every wrapped original: QueuePool._do_get retries by calling itself, and a
-        # pool subclass's _do_get may call super()._do_get(); only the outermost call is timed.
-        inner_codes = self._original_codes
-        inner_codes.add(original.__code__)
         adopt = registry.adopt
         slow_wait = self._slow_wait
         timed_out = self._timed_out
         deferred = self.telemetry.deferred
         drain = self.telemetry.drain
 
-        def _do_get(pool: Any) -> Any:
+        def checkout(cls: type, pool: Any) -> Any:
             recorder = pool.__dict__.get(POOL_RECORDER_ATTR)
             if recorder is None:
                 recorder = adopt(pool)
-            if recorder is False or sys._getframe(1).f_code in inner_codes:
-                return original(pool)
+            if recorder is False:
+                return original(cls, pool)
             if deferred:  # work queued during a garbage collection: a safe place to do it
                 drain()
             waiters = recorder.waiters
@@ -130,7 +130,7 @@ class WaitTimer:
             pending_before = len(waiters)  # including this caller
             start = perf_counter()
             try:
-                record = original(pool)
+                fairy = original(cls, pool)
             except exc.TimeoutError as error:
                 waiters.pop()
                 timed_out(recorder, start, perf_counter(), used_before, pending_before, error)
@@ -141,6 +141,7 @@ class WaitTimer:
             end = perf_counter()
             waiters.pop()
             try:
+                record = fairy._connection_record
                 record_dict = record.__dict__
                 waited = end - start
                 created = record_dict.pop(CREATE_TIME_ATTR, None)
@@ -155,17 +156,15 @@ class WaitTimer:
                     get_request(),
                 )
                 record_dict[HOLD_ATTR] = hold
-                record_dict[RECORD_RECORDER_ATTR] = recorder
                 recorder.holders[record] = hold
                 if waited >= threshold:
                     slow_wait(recorder, start, end, used_before, pending_before)
             except Exception:
                 _log_hook_error("checkout")
-            return record
+            return fairy
 
-        _do_get.__wrapped__ = original  # type: ignore[attr-defined]
-        _do_get.__qualname__ = getattr(original, "__qualname__", "_do_get")
-        return _do_get
+        checkout.__wrapped__ = original  # type: ignore[attr-defined]
+        return checkout
 
     # -- spans (rare paths) -------------------------------------------------------------------
     def _span_attributes(
