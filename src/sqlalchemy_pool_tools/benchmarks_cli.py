@@ -60,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--only",
         metavar="LIST",
         help="comma-separated scenarios: sync, async, sync-select, async-select, wait, e2e, "
-        "memory (aliases: select, cycles, all); default: all",
+        "memory, instructions (valgrind; skipped when not installed) (aliases: select, "
+        "cycles, all); default: all",
     )
     parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH (JSON)")
     parser.add_argument("--markdown", metavar="PATH", help="also write the markdown report to PATH")

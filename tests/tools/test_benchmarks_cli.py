@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy.engine import URL
 
 from sqlalchemy_pool_tools import benchmarks_cli
-from sqlalchemy_pool_tools.bench import e2e, suite
+from sqlalchemy_pool_tools.bench import e2e, instructions, suite
 from sqlalchemy_pool_tools.bench.harness import CYCLE_VARIANTS, WAIT_VARIANTS
 from sqlalchemy_pool_tools.errors import UserError
 
@@ -219,3 +219,17 @@ def test_source_checkout_wrapper_help() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "--only" in done.stdout and "--json" in done.stdout and "--quick" in done.stdout
+
+
+def test_instruction_counts(tiny: dict[str, Any]) -> None:
+    scenario = _scenario(tiny, "instructions")
+    if not instructions.available():
+        assert scenario["kind"] == "skipped" and "valgrind" in scenario["reason"]
+        assert "Skipped: valgrind" in tiny["markdown"]
+        return
+    rows = {row["variant"]: row for row in scenario["rows"]}
+    assert list(rows) == ["bare", "ours-metrics"]
+    # A real count: tens of thousands of instructions per cycle, ours above bare.
+    assert 10_000 < rows["bare"]["instructions"] < rows["ours-metrics"]["instructions"]
+    assert rows["ours-metrics"]["ratio"] > 1.0
+    assert "instructions/cycle" in tiny["markdown"]

@@ -143,6 +143,15 @@ def _close(sample: Sample | None, active: Active, providers: Any) -> None:
         sample.spans = dict(providers.spans.by_name)
 
 
+def sync_cycle_loop(
+    variant: Variant, active: Active, select: bool
+) -> Callable[[sa.Engine, int], None]:
+    """The measured sync loop of ``variant`` (the floor records inside the loop itself)."""
+    if variant.kind == FLOOR:
+        return _sync_floor(select, active)
+    return _sync_select if select else _sync_empty
+
+
 def sync_block(
     scenario: CycleScenario, variant: Variant, url: URL, cycles: int, warmup: int, interval: float
 ) -> Sample:
@@ -151,10 +160,7 @@ def sync_block(
     active = Active(variant, engine, providers)
     sample: Sample | None = None
     try:
-        if variant.kind == FLOOR:
-            loop = _sync_floor(scenario.select, active)
-        else:
-            loop = _sync_select if scenario.select else _sync_empty
+        loop = sync_cycle_loop(variant, active, scenario.select)
         loop(engine, warmup)
         exports0 = providers.metrics.exports
         with Stopwatch() as sw:

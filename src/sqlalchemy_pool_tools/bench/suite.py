@@ -19,7 +19,7 @@ from sqlalchemy.exc import OperationalError
 
 from sqlalchemy_pool_tools.pg import database_url, with_driver
 
-from . import e2e, memory, micro
+from . import e2e, instructions, memory, micro
 from .harness import V_BARE, V_OURS_DEFAULT
 
 Progress = Callable[[str], None]
@@ -32,6 +32,7 @@ SCENARIOS: tuple[str, ...] = (
     "wait",
     "e2e",
     "memory",
+    "instructions",
 )
 ALIASES: dict[str, tuple[str, ...]] = {
     "select": ("sync-select", "async-select"),
@@ -53,6 +54,8 @@ class Settings:
     memory_sessions: int
     memory_window: int
     memory_session_window: int
+    instruction_cycles: int = 5_000
+    instruction_variants: tuple[str, ...] | None = None  # None: all of instructions.VARIANTS
     wait_tasks: int = 200
     pool_size: int = 5
     e2e_connections: int = 20
@@ -93,6 +96,7 @@ PROFILES: dict[str, Settings] = {
         memory_sessions=10_000,
         memory_window=20_000,
         memory_session_window=2_000,
+        instruction_cycles=2_000,
     ),
     # For the test suite: every row, every verification, numbers meaningless.
     "tiny": Settings(
@@ -107,6 +111,8 @@ PROFILES: dict[str, Settings] = {
         memory_sessions=600,
         memory_window=500,
         memory_session_window=200,
+        instruction_cycles=300,
+        instruction_variants=("bare", "ours-metrics"),  # valgrind runs are slow: two suffice
         memory_gc="explicit",  # deterministic: no finalizer runs inside SDK threads
     ),
 }
@@ -365,4 +371,17 @@ def _run_scenario(
         return e2e.run_e2e_scenario(url_async, settings, progress)
     if name == "memory":
         return run_memory_scenario(url_sync, settings, progress)
+    if name == "instructions":
+        if not instructions.available():
+            progress("[instructions] skipped: valgrind is not installed")
+            return {
+                "key": name,
+                "kind": "skipped",
+                "title": instructions.TITLE,
+                "reason": "valgrind is not installed (apt-get install valgrind)",
+                "rows": [],
+            }
+        return instructions.run_instructions_scenario(
+            url_sync, settings.instruction_cycles, progress, settings.instruction_variants
+        )
     raise ValueError(f"unknown scenario {name!r}")

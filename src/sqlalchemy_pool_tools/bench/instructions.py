@@ -1,0 +1,134 @@
+"""Instructions per checkout cycle, counted by valgrind: the deterministic cost measure.
+
+On a shared machine wall and CPU time of the same block move ±30 % between rounds, which buries
+differences of a few µs. The number of machine instructions the client process executes per
+``with engine.connect(): pass`` barely moves (±0.5 %), so it compares variants exactly, on any
+machine. Each variant runs in a child interpreter under ``valgrind --tool=callgrind`` twice --
+after the same warm-up, once with 0 and once with N measured cycles -- and the difference
+divided by N is the cost of one cycle: startup, imports and warm-up cancel out. The SDK's
+periodic reader does not collect during the run (its cost is in the timed scenarios).
+
+Needs ``valgrind`` (``apt-get install valgrind``); the scenario is skipped without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from sqlalchemy.engine import URL
+
+from .harness import (
+    CYCLE_VARIANTS,
+    V_BARE,
+    V_FLOOR,
+    V_OFFICIAL,
+    V_OURS_DEFAULT,
+    V_OURS_METRICS,
+    child_env,
+)
+
+TITLE = "instructions per sync empty checkout cycle (psycopg), counted by valgrind"
+VARIANTS = (V_BARE, V_FLOOR, V_OFFICIAL, V_OURS_METRICS, V_OURS_DEFAULT)
+WARMUP_CYCLES = 200
+_COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
+
+
+def available() -> bool:
+    return shutil.which("valgrind") is not None
+
+
+def _count(url: URL, variant_key: str, cycles: int, timeout_s: float) -> int:
+    """Instructions executed by a child that runs ``cycles`` cycles after the warm-up."""
+    config = json.dumps(
+        {"url": url.render_as_string(hide_password=False), "variant": variant_key, "n": cycles}
+    )
+    command = [
+        "valgrind",
+        "--tool=callgrind",
+        "--callgrind-out-file=/dev/null",
+        sys.executable,
+        "-m",
+        __name__,
+        config,
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout_s, env=child_env(), check=False
+    )
+    match = _COLLECTED.search(done.stderr)
+    if done.returncode != 0 or match is None:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise RuntimeError(f"valgrind run of {variant_key} failed: {' | '.join(tail)}")
+    return int(match.group(1))
+
+
+def run_instructions_scenario(
+    url_sync: URL,
+    cycles: int,
+    progress: Any,
+    variant_keys: tuple[str, ...] | None = None,
+    timeout_s: float = 1800,
+) -> dict[str, Any]:
+    variants = [v for v in VARIANTS if variant_keys is None or v.key in variant_keys]
+    runs = [(v.key, n) for v in variants for n in (0, cycles)]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        results = pool.map(lambda run: _count(url_sync, run[0], run[1], timeout_s), runs)
+        counts = dict(zip(runs, results, strict=True))
+    per_cycle = {v.key: (counts[(v.key, cycles)] - counts[(v.key, 0)]) / cycles for v in variants}
+    bare = per_cycle[V_BARE.key]
+    floor, official = per_cycle.get(V_FLOOR.key), per_cycle.get(V_OFFICIAL.key)
+    rows = []
+    for variant in variants:
+        value = per_cycle[variant.key]
+        row: dict[str, Any] = {
+            "variant": variant.key,
+            "label": variant.label,
+            "kind": variant.kind,
+            "instructions": round(value),
+            "ratio": value / bare,
+            "added": value - bare,
+            "beyond_floor": None,
+            "beyond_floor_share_of_bare": None,
+            "vs_official_added": None,
+        }
+        if variant.kind == "ours" and floor is not None:
+            row["beyond_floor"] = value - floor
+            row["beyond_floor_share_of_bare"] = (value - floor) / bare
+        if variant.kind == "ours" and official is not None and official != bare:
+            row["vs_official_added"] = (value - bare) / (official - bare)
+        rows.append(row)
+        progress(f"[instructions] {variant.key:<16} {value:>10,.0f} instructions/cycle")
+    return {
+        "key": "instructions",
+        "kind": "instructions",
+        "title": TITLE,
+        "cycles": cycles,
+        "rows": rows,
+    }
+
+
+def _child(config: dict[str, Any]) -> None:
+    import sqlalchemy as sa
+
+    from .harness import Active, make_providers
+    from .micro import sync_cycle_loop
+
+    variant = next(v for v in CYCLE_VARIANTS if v.key == config["variant"])
+    engine = sa.create_engine(sa.engine.make_url(config["url"]), pool_size=5, max_overflow=10)
+    providers = make_providers(1e9)  # no collection inside the counted cycles
+    active = Active(variant, engine, providers)
+    loop = sync_cycle_loop(variant, active, select=False)
+    loop(engine, WARMUP_CYCLES)
+    loop(engine, config["n"])
+    # No teardown: exiting at once keeps the 0-cycle and N-cycle runs identical but for N.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    _child(json.loads(sys.argv[1]))
