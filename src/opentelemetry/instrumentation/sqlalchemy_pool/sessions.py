@@ -340,8 +340,14 @@ def _hold_of_connection(connection: Any) -> Hold | None:
 
 
 def _is_async(session: Session) -> bool:
-    try:
-        from sqlalchemy.ext.asyncio import async_session
-    except ImportError:  # pragma: no cover
-        return False
-    return async_session(session) is not None
+    global _async_session_of
+    if _async_session_of is None:
+        try:
+            from sqlalchemy.ext.asyncio import async_session
+        except ImportError:  # pragma: no cover
+            return False
+        _async_session_of = async_session  # imported once, not at every session's first begin
+    return _async_session_of(session) is not None
+
+
+_async_session_of: Callable[[Session], Any] | None = None
