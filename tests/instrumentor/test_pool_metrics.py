@@ -152,15 +152,16 @@ def test_statement_timing_follows_sessions_by_default(otel, make_sync_engine):
     # The checkout/checkin hot path has no pool or engine event listeners of ours.
     assert not engine.pool.dispatch.checkin and not engine.pool.dispatch.reset
     _hold_idle(engine)
-    assert not engine.dispatch.before_cursor_execute
     assert _held_idle_count(otel, "lazy-timing") == 0  # unknown, so not recorded as zero
     _hold_idle(engine, session=True)  # a Session turns timing on for its engine
-    assert engine.dispatch.before_cursor_execute and engine.pool.dispatch.reset
+    assert engine.pool.dispatch.reset  # the open-transaction-at-checkin check comes with it
+    assert not engine.dispatch.before_cursor_execute  # statements: a wrapper, no listeners
     assert _held_idle_count(otel, "lazy-timing") == 1
     _hold_idle(engine)  # from then on Core use of that engine is timed too
     assert _held_idle_count(otel, "lazy-timing") == 2
     otel.instrumentor.uninstrument()
-    assert not engine.dispatch.before_cursor_execute and not engine.pool.dispatch.reset
+    assert not engine.pool.dispatch.reset
+    assert "__wrapped__" not in vars(sa.engine.Connection._execute_context)
 
 
 def test_statement_timing_all_and_off(otel, make_sync_engine):
@@ -169,12 +170,13 @@ def test_statement_timing_all_and_off(otel, make_sync_engine):
     _hold_idle(timed)
     assert _held_idle_count(otel, "timed-all") == 1
     otel.instrumentor.uninstrument()
-    assert not timed.dispatch.before_cursor_execute
+    assert not timed.pool.dispatch.reset
 
     otel.instrument(statement_timing="off")
     untimed = make_sync_engine(pool_logging_name="timed-off")
     _hold_idle(untimed, session=True)
-    assert not untimed.dispatch.before_cursor_execute
+    assert not untimed.pool.dispatch.reset
+    assert "__wrapped__" not in vars(sa.engine.Connection._execute_context)  # not even wrapped
     assert _held_idle_count(otel, "timed-off") == 0
     assert otel.value("db.client.connection.use_time", **_pool_attr("timed-off")) == 1
 
@@ -351,8 +353,8 @@ def test_explicit_engines_only(otel, make_sync_engine):
 
 
 def test_statement_timing_is_attached_per_engine_lazily(otel, make_sync_engine):
-    """Engine listeners cost every Connection a few µs, so in global mode they are added to an
-    engine only when a Session first uses it; Core-only engines stay on the fast path."""
+    """In global mode statements are timed on an engine only once a Session uses it (the
+    `reset` listener costs each checkin a dispatch); Core-only engines stay on the fast path."""
     from sqlalchemy.orm import Session
 
     otel.instrument()
@@ -361,7 +363,7 @@ def test_statement_timing_is_attached_per_engine_lazily(otel, make_sync_engine):
     with core_only.connect() as conn:
         conn.execute(sa.text("select 1"))
         time.sleep(0.02)
-    assert len(core_only.dispatch.before_cursor_execute) == 0
+    assert len(core_only.pool.dispatch.reset) == 0
     # statement time unknown there: no held-idle figure rather than a wrong one
     assert [
         p for p in otel.points("sqlalchemy.pool.connection.held_idle_time")
@@ -371,7 +373,7 @@ def test_statement_timing_is_attached_per_engine_lazily(otel, make_sync_engine):
         session.execute(sa.text("select 1"))
         time.sleep(0.02)
         session.execute(sa.text("select 1"))
-    assert len(with_sessions.dispatch.before_cursor_execute) == 1
+    assert len(with_sessions.pool.dispatch.reset) == 1
     (held_idle,) = [
         p for p in otel.points("sqlalchemy.pool.connection.held_idle_time")
         if p.attributes["db.client.connection.pool.name"] == "orm"
