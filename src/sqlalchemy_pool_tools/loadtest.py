@@ -382,6 +382,10 @@ def pool_windows(scrapes: Sequence[list[Sample]]) -> dict[str, PoolWindow]:
             _by_pool(last, M_USE + "_sum").get(key(pool)),
         )
         w.held_idle_share = min(1.0, held_idle / use) if use > 0 else None
+        if w.checkouts and w.max_used < 1:
+            # Short holds fall between scrapes; a window with checkouts had at least one
+            # connection in use at some moment.
+            w.max_used = 1.0
         w.leaks = _leaks(first, last, key(pool))
         w.pg_states_max, w.pg_oldest_xact_s = _pg_figures(scrapes, key(pool))
         windows[pool] = w

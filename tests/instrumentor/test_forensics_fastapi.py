@@ -55,7 +55,11 @@ def test_timeouts_link_to_holding_requests(otel, async_url, caplog):
             async def scenario():
                 async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
                     holders_ = [asyncio.create_task(client.get(f"/reports/{i}")) for i in (1, 2)]
-                    await asyncio.sleep(0.3)
+                    # Both holders have their connection (first connects are slow on a busy box).
+                    for _ in range(100):
+                        if engine.sync_engine.pool.checkedout() == 2:
+                            break
+                        await asyncio.sleep(0.02)
                     victims = await asyncio.gather(*(client.get("/orders") for _ in range(3)))
                     await asyncio.gather(*holders_)
                     return [v.json()["timeout"] for v in victims]
