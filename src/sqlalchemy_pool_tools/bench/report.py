@@ -33,6 +33,20 @@ def _check(value: Any, limit: float, upper: bool = True) -> bool | None:
     return value <= limit if upper else value >= limit
 
 
+def _ratio_target(ratio: float, limit: float, shown: str) -> dict[str, Any]:
+    return _target("ratio", f"≤ {limit}x bare", ratio, _check(ratio, limit), shown)
+
+
+def _official_target(share: float) -> dict[str, Any]:
+    return _target(
+        "vs_official",
+        f"added ≤ {OFFICIAL_SHARE:g} x official's",
+        share,
+        _check(share, OFFICIAL_SHARE),
+        f"{share:.2f}x",
+    )
+
+
 def evaluate_targets(scenario: dict[str, Any]) -> None:
     """Attach ``targets`` to every row of ``scenario`` (ours rows only get goals)."""
     key = scenario["key"]
@@ -41,25 +55,9 @@ def evaluate_targets(scenario: dict[str, Any]) -> None:
         if scenario["kind"] == "cycles" and row["kind"] == "ours" and key != "wait":
             ratio = row["ratio"]["wall"]
             if key == "sync":
-                targets.append(
-                    _target(
-                        "ratio",
-                        f"≤ {SYNC_EMPTY_RATIO}x bare",
-                        ratio,
-                        _check(ratio, SYNC_EMPTY_RATIO),
-                        f"{ratio:.2f}x",
-                    )
-                )
+                targets.append(_ratio_target(ratio, SYNC_EMPTY_RATIO, f"{ratio:.2f}x"))
             if key in ("sync-select", "async-select"):
-                targets.append(
-                    _target(
-                        "ratio",
-                        f"≤ {SELECT_RATIO}x bare",
-                        ratio,
-                        _check(ratio, SELECT_RATIO),
-                        f"{ratio:.3f}x",
-                    )
-                )
+                targets.append(_ratio_target(ratio, SELECT_RATIO, f"{ratio:.3f}x"))
             own = (row.get("beyond_floor_us") or {}).get("wall")
             if key in ("sync", "async") and own is not None:
                 targets.append(
@@ -73,30 +71,14 @@ def evaluate_targets(scenario: dict[str, Any]) -> None:
                 )
             share = (row.get("vs_official_added") or {}).get("wall")
             if share is not None:
-                targets.append(
-                    _target(
-                        "vs_official",
-                        f"added ≤ {OFFICIAL_SHARE:g} x official's",
-                        share,
-                        _check(share, OFFICIAL_SHARE),
-                        f"{share:.2f}x",
-                    )
-                )
+                targets.append(_official_target(share))
         elif scenario["kind"] == "instructions" and row["kind"] == "ours":
             ratio, own, share = (
                 row["ratio"],
                 row["beyond_floor_share_of_bare"],
                 row["vs_official_added"],
             )
-            targets.append(
-                _target(
-                    "ratio",
-                    f"≤ {SYNC_EMPTY_RATIO}x bare",
-                    ratio,
-                    _check(ratio, SYNC_EMPTY_RATIO),
-                    f"{ratio:.2f}x",
-                )
-            )
+            targets.append(_ratio_target(ratio, SYNC_EMPTY_RATIO, f"{ratio:.2f}x"))
             if own is not None:
                 targets.append(
                     _target(
@@ -109,15 +91,7 @@ def evaluate_targets(scenario: dict[str, Any]) -> None:
                     )
                 )
             if share is not None:
-                targets.append(
-                    _target(
-                        "vs_official",
-                        f"added ≤ {OFFICIAL_SHARE:g} x official's",
-                        share,
-                        _check(share, OFFICIAL_SHARE),
-                        f"{share:.2f}x",
-                    )
-                )
+                targets.append(_official_target(share))
         elif scenario["kind"] == "e2e" and row["variant"] == "ours":
             rps, p99 = row["rps_ratio"], row["p99_ratio"]
             targets.append(
