@@ -63,12 +63,8 @@ _request_state: contextvars.ContextVar[RequestState | None] = contextvars.Contex
 )
 
 
-def current_request() -> RequestState | None:
-    return _request_state.get()
-
-
 def current_request_getter() -> Callable[[], RequestState | None]:
-    """:func:`current_request` as a bound method, for the checkout hot path."""
+    """The current request's state (or None), as a bound method for the checkout hot path."""
     return _request_state.get
 
 
