@@ -340,17 +340,18 @@ def pool_overview() -> dict:
         "across awaits, external calls or idle in transaction.",
     )
     lay.panel(
-        "Session duration p95 / p99",
-        quantiles(
-            "sqlalchemy_session_duration_seconds",
-            SEL_PROC,
-            "job, instance",
-            "{{instance}}",
-            qs=(0.95, 0.99),
-        ),
+        "Checkouts /s",
+        [
+            q(
+                f"sum by ({BY}) "
+                f"(rate(db_client_connection_use_time_seconds_count{{{SEL}}}[{RATE}]))",
+                "{{instance}} {{db_client_connection_pool_name}}",
+            )
+        ],
         w=8,
-        unit="s",
-        description="sqlalchemy.session.duration: first checkout to release of a Session.",
+        unit="ops",
+        description="Connections returned per second: the pool's throughput. With use time p95 "
+        "it gives the load (Little's law: used = checkouts/s x mean use time).",
     )
     lay.panel(
         "Leaks by kind",

@@ -77,7 +77,6 @@ class FakePoolApp:
         self.use_time = histogram(sc.CONNECTION_USE_TIME)
         self.create_time = histogram(sc.CONNECTION_CREATE_TIME)
         self.held_idle = histogram(sc.CONNECTION_HELD_IDLE_TIME)
-        self.session_duration = histogram(sc.SESSION_DURATION)
         self.http_duration = meter.create_histogram(
             "http.server.request.duration",
             unit="s",

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool, QueuePool, SingletonThreadPool, StaticPool
-from sqlalchemy.pool.base import _ConnectionRecord
+from sqlalchemy.pool.base import _ConnectionFairy, _ConnectionRecord
 
 
 def _pool_attr(name: str) -> dict[str, str]:
@@ -24,6 +24,7 @@ def _pool_attr(name: str) -> dict[str, str]:
 def test_uninstrument_removes_every_hook(otel, make_sync_engine):
     methods = ("checkout", "checkin", "_ConnectionRecord__connect")
     originals = {name: _ConnectionRecord.__dict__[name] for name in methods}
+    original_reset = _ConnectionFairy.__dict__["_reset"]
     pool_methods = {
         cls: cls.__dict__["_do_get"]
         for cls in (QueuePool, NullPool, StaticPool, SingletonThreadPool)
@@ -32,11 +33,16 @@ def test_uninstrument_removes_every_hook(otel, make_sync_engine):
     otel.instrument()
     with engine.connect() as conn:
         conn.execute(sa.text("select 1"))
+    assert _ConnectionFairy.__dict__["_reset"] is original_reset  # no timed engine yet
+    with Session(engine) as session:  # a Session times the engine: open-transaction check
+        session.execute(sa.text("select 1"))
+    assert _ConnectionFairy.__dict__["_reset"] is not original_reset
     for name, original in originals.items():
         assert _ConnectionRecord.__dict__[name] is not original, name
     otel.instrumentor.uninstrument()
     for name, original in originals.items():
         assert _ConnectionRecord.__dict__[name] is original, name
+    assert _ConnectionFairy.__dict__["_reset"] is original_reset
     for cls, original in pool_methods.items():  # pool classes are never patched
         assert cls.__dict__["_do_get"] is original
     fresh = make_sync_engine()
@@ -54,13 +60,12 @@ def test_uninstrument_removes_every_hook(otel, make_sync_engine):
     for method in ("checkin", "_ConnectionRecord__connect"):  # the class-level wrappers
         assert not hasattr(_ConnectionRecord.__dict__[method], "__wrapped__"), method
     assert not hasattr(_ConnectionRecord.__dict__["checkout"].__func__, "__wrapped__")
-    before = len(otel.points("db.client.connection.wait_time"))
+    before = [p.count for p in otel.points("db.client.connection.wait_time")]
+    assert sum(before) == 2  # the Core connection and the Session's
     with engine.connect() as conn:
         conn.execute(sa.text("select 1"))
     # Nothing recorded any more (the old points remain in the cumulative reader only).
-    points = otel.points("db.client.connection.wait_time")
-    assert len(points) == before
-    assert all(p.count == 1 for p in points)
+    assert [p.count for p in otel.points("db.client.connection.wait_time")] == before
     # Re-instrumenting works again, reusing the instruments.
     otel.instrument()
     with engine.connect():

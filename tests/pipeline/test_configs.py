@@ -440,7 +440,6 @@ INSTRUMENT_METRICS = [
     (semconv.CONFIG_RECYCLE, "gauge", "_seconds"),
     (semconv.CONFIG_PRE_PING, "gauge", ""),
     (semconv.SESSIONS_EXPIRE_ON_COMMIT, "gauge", ""),
-    (semconv.SESSION_DURATION, "histogram", "_seconds"),
     (semconv.PG_BACKENDS, "gauge", ""),
     (semconv.PG_OLDEST_XACT_AGE, "gauge", "_seconds"),
     (semconv.PG_OLDEST_QUERY_AGE, "gauge", "_seconds"),

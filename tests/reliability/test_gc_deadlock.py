@@ -54,7 +54,7 @@ def test_gc_finalizers_never_call_the_sdk(otel, make_sync_engine):
     def watch(phase, info):
         in_gc[0] = phase == "start"
 
-    for name in ("use_time", "held_idle_time", "session_duration", "leaks", "closes"):
+    for name in ("use_time", "held_idle_time", "leaks", "closes"):
         setattr(telemetry, name, _Spy(getattr(telemetry, name), in_gc, violations))
     # A collection thread keeps the SDK busy meanwhile (the original deadlock: a GC inside
     # the reader's aggregation code finalized a leaked connection, whose hook called add()).

@@ -64,7 +64,6 @@ CONFIG_TIMEOUT = "sqlalchemy_pool_config_timeout_seconds"
 CONFIG_RECYCLE = "sqlalchemy_pool_config_recycle_seconds"
 CONFIG_PRE_PING = "sqlalchemy_pool_config_pre_ping"
 EXPIRE_ON_COMMIT = "sqlalchemy_session_expire_on_commit"
-SESSION_DURATION = "sqlalchemy_session_duration_seconds"
 PG_BACKENDS = "sqlalchemy_pool_pg_backends"
 PG_OLDEST_XACT_AGE = "sqlalchemy_pool_pg_oldest_transaction_age_seconds"
 PG_OLDEST_QUERY_AGE = "sqlalchemy_pool_pg_oldest_query_age_seconds"
@@ -239,7 +238,6 @@ SPECS: tuple[_Spec, ...] = (
     _Spec("create_bucket", CREATE_TIME + "_bucket", "inc"),
     _Spec("closes", CLOSES, "inc"),
     _Spec("leaks", LEAKS, "inc"),
-    _Spec("session_sum", SESSION_DURATION + "_sum", "inc"),
     _Spec("config_timeout", CONFIG_TIMEOUT, "last"),
     _Spec("config_recycle", CONFIG_RECYCLE, "last"),
     _Spec("config_pre_ping", CONFIG_PRE_PING, "last"),
@@ -494,11 +492,9 @@ def _pool_figures(
 
     # -- culprits and HTTP
     # Culprits: leak sites first, else connection hold time by route (use_time carries
-    # http.route), else session hold time.
-    fig.top_code_sites = (
-        _top_sites(leaks, lambda n: f"{fmt.count(n)} leaks")
-        or _top_sites(view("use_sum"), lambda s: f"{fmt.seconds(s)} connection hold time")
-        or _top_sites(view("session_sum"), lambda s: f"{fmt.seconds(s)} held in sessions")
+    # http.route).
+    fig.top_code_sites = _top_sites(leaks, lambda n: f"{fmt.count(n)} leaks") or _top_sites(
+        view("use_sum"), lambda s: f"{fmt.seconds(s)} connection hold time"
     )
     fig.top_routes = _top_routes(view)
     http_count = _total(view("http_count"))

@@ -88,9 +88,6 @@ class Telemetry:
             "Per checkout, the part of use_time with no statement running on the connection "
             "(recorded when at least 1 ms).",
         )
-        self.session_duration = histogram(
-            semconv.SESSION_DURATION, "How long a Session held database connections."
-        )
         self.timeouts = meter.create_counter(
             semconv.CONNECTION_TIMEOUTS,
             unit="{timeout}",

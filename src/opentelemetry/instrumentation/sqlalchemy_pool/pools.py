@@ -34,7 +34,7 @@ from sqlalchemy.pool import (
     StaticPool,
 )
 from sqlalchemy.pool import base as pool_base
-from sqlalchemy.pool.base import _ConnectionRecord
+from sqlalchemy.pool.base import _ConnectionFairy, _ConnectionRecord
 
 from . import semconv
 from .codesite import CodeSite
@@ -333,8 +333,8 @@ class PoolRegistry:
         """Time statements on ``engine`` (or on every engine when given the Engine class).
 
         Feeds held-idle time and statement counts (the ``_execute_context`` wrapper measures
-        statements of timed pools only) and the open-transaction-at-checkin check (a ``reset``
-        listener, which costs every checkin of the pool a dispatch). By default
+        statements of timed pools only) and the open-transaction-at-checkin check (the
+        ``_ConnectionFairy._reset`` wrapper, installed with the first timed engine). By default
         (statement_timing=sessions) an engine is timed once a Session uses it."""
         if self.config.statement_timing == STATEMENT_TIMING_OFF or engine in self._timed_engines:
             return
@@ -349,8 +349,9 @@ class PoolRegistry:
                 recorder = engine.pool.__dict__.get(POOL_RECORDER_ATTR)
                 if recorder:
                     recorder.statements_timed = True
-            # On an engine this listens to its pool, and follows it across dispose().
-            self._listen(engine, "reset", self._on_reset)
+            if not any(cls is _ConnectionFairy for cls, _, _ in self._patched):
+                reset = _ConnectionFairy.__dict__["_reset"]
+                self._patch(_ConnectionFairy, "_reset", self._wrap_reset(reset))
 
     def _listen(self, target: Any, name: str, fn: Callable[..., Any]) -> None:
         event.listen(target, name, fn)
@@ -520,16 +521,31 @@ class PoolRegistry:
         checkin.__wrapped__ = original  # type: ignore[attr-defined]
         return checkin
 
-    def _on_reset(self, dbapi_connection: Any, record: Any, reset_state: Any) -> None:
-        """Timed engines only: a connection returned with its transaction still open."""
+    def _wrap_reset(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        """``_ConnectionFairy._reset``, which ``_finalize_fairy`` calls on every checkin before
+        the pool's rollback: the place to see a connection returned with its transaction still
+        open (a ``reset`` listener would cost each checkin a dispatch and a PoolResetState)."""
+        check = self._check_open_transaction
+
+        def _reset(fairy: Any, pool: Any, transaction_was_reset: bool, *args: Any, **kw: Any):
+            if not transaction_was_reset:  # nobody rolled back or committed before returning it
+                check(fairy)
+            return original(fairy, pool, transaction_was_reset, *args, **kw)
+
+        _reset.__wrapped__ = original  # type: ignore[attr-defined]
+        return _reset
+
+    def _check_open_transaction(self, fairy: Any) -> None:
+        """Timed pools only: the connection comes back inside a server transaction."""
         try:
+            record = fairy._connection_record
             hold = record.__dict__.get(HOLD_ATTR) if record is not None else None
-            if hold is None or reset_state.transaction_was_reset:
+            if hold is None or not hold.recorder.statements_timed:
                 return
             fairy_ref = record.fairy_ref
             if fairy_ref is not None and fairy_ref() is None:
                 return  # garbage collected: reported as such at checkin
-            if _in_transaction(dbapi_connection):
+            if _in_transaction(fairy.dbapi_connection):
                 self.telemetry.run_or_defer(self.leaks.open_transaction_at_checkin, record, hold)
         except Exception:
             _log_hook_error("reset")

@@ -39,7 +39,6 @@ CONFIG_RECYCLE: Final = "sqlalchemy.pool.config.recycle"  # Gauge s (-1 = never)
 CONFIG_PRE_PING: Final = "sqlalchemy.pool.config.pre_ping"  # Gauge 1/0
 # Async session factories seen with expire_on_commit=True (a classic async footgun).
 SESSIONS_EXPIRE_ON_COMMIT: Final = "sqlalchemy.session.expire_on_commit"  # Gauge 1/0
-SESSION_DURATION: Final = "sqlalchemy.session.duration"  # Histogram s
 
 # Server-side figures from pg_stat_activity (optional sampler).
 PG_BACKENDS: Final = "sqlalchemy.pool.pg.backends"  # Gauge {connection}; state, scope

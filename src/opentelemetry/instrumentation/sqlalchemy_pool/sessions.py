@@ -201,7 +201,8 @@ class SessionTracking:
             hold = _hold_of_connection(connection)
             if hold is None:
                 return
-            self.registry.time_statements(connection.engine)
+            if not hold.recorder.statements_timed:
+                self.registry.time_statements(connection.engine)
             if hold.session is tracker:
                 tracker.transactions += 1
                 return
@@ -279,7 +280,6 @@ class SessionTracking:
         if recorder is None:
             return
         duration = max(0.0, now - tracker.start_perf)
-        self.telemetry.session_duration.record(duration, recorder.attrs)
         outcome = (
             semconv.OUTCOME_GARBAGE_COLLECTED
             if tracker.garbage_collected
