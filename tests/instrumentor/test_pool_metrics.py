@@ -6,7 +6,9 @@ import time
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
+from sqlalchemy.pool.base import _ConnectionFairy
 
+from opentelemetry.instrumentation.sqlalchemy_pool.pools import POOL_RECORDER_ATTR
 from opentelemetry.instrumentation.sqlalchemy_pool.wait import SpanBudget
 
 POOL = "db.client.connection.pool.name"
@@ -153,14 +155,16 @@ def test_statement_timing_follows_sessions_by_default(otel, make_sync_engine):
     assert not engine.pool.dispatch.checkin and not engine.pool.dispatch.reset
     _hold_idle(engine)
     assert _held_idle_count(otel, "lazy-timing") == 0  # unknown, so not recorded as zero
+    assert "__wrapped__" not in vars(_ConnectionFairy._reset)
     _hold_idle(engine, session=True)  # a Session turns timing on for its engine
-    assert engine.pool.dispatch.reset  # the open-transaction-at-checkin check comes with it
+    # The open-transaction-at-checkin check comes with it: a wrapper, not a reset listener.
+    assert "__wrapped__" in vars(_ConnectionFairy._reset) and not engine.pool.dispatch.reset
     assert not engine.dispatch.before_cursor_execute  # statements: a wrapper, no listeners
     assert _held_idle_count(otel, "lazy-timing") == 1
     _hold_idle(engine)  # from then on Core use of that engine is timed too
     assert _held_idle_count(otel, "lazy-timing") == 2
     otel.instrumentor.uninstrument()
-    assert not engine.pool.dispatch.reset
+    assert "__wrapped__" not in vars(_ConnectionFairy._reset)
     assert "__wrapped__" not in vars(sa.engine.Connection._execute_context)
 
 
@@ -169,13 +173,14 @@ def test_statement_timing_all_and_off(otel, make_sync_engine):
     timed = make_sync_engine(pool_logging_name="timed-all")  # created after instrument()
     _hold_idle(timed)
     assert _held_idle_count(otel, "timed-all") == 1
+    assert "__wrapped__" in vars(_ConnectionFairy._reset)
     otel.instrumentor.uninstrument()
-    assert not timed.pool.dispatch.reset
+    assert "__wrapped__" not in vars(_ConnectionFairy._reset)
 
     otel.instrument(statement_timing="off")
     untimed = make_sync_engine(pool_logging_name="timed-off")
     _hold_idle(untimed, session=True)
-    assert not untimed.pool.dispatch.reset
+    assert "__wrapped__" not in vars(_ConnectionFairy._reset)
     assert "__wrapped__" not in vars(sa.engine.Connection._execute_context)  # not even wrapped
     assert _held_idle_count(otel, "timed-off") == 0
     assert otel.value("db.client.connection.use_time", **_pool_attr("timed-off")) == 1
@@ -353,8 +358,8 @@ def test_explicit_engines_only(otel, make_sync_engine):
 
 
 def test_statement_timing_is_attached_per_engine_lazily(otel, make_sync_engine):
-    """In global mode statements are timed on an engine only once a Session uses it (the
-    `reset` listener costs each checkin a dispatch); Core-only engines stay on the fast path."""
+    """In global mode statements are timed on an engine only once a Session uses it; Core-only
+    engines stay on the fast path."""
     from sqlalchemy.orm import Session
 
     otel.instrument()
@@ -363,7 +368,7 @@ def test_statement_timing_is_attached_per_engine_lazily(otel, make_sync_engine):
     with core_only.connect() as conn:
         conn.execute(sa.text("select 1"))
         time.sleep(0.02)
-    assert len(core_only.pool.dispatch.reset) == 0
+    assert not _recorder(core_only).statements_timed
     # statement time unknown there: no held-idle figure rather than a wrong one
     assert [
         p for p in otel.points("sqlalchemy.pool.connection.held_idle_time")
@@ -373,12 +378,17 @@ def test_statement_timing_is_attached_per_engine_lazily(otel, make_sync_engine):
         session.execute(sa.text("select 1"))
         time.sleep(0.02)
         session.execute(sa.text("select 1"))
-    assert len(with_sessions.pool.dispatch.reset) == 1
+    assert _recorder(with_sessions).statements_timed
+    assert not _recorder(core_only).statements_timed
     (held_idle,) = [
         p for p in otel.points("sqlalchemy.pool.connection.held_idle_time")
         if p.attributes["db.client.connection.pool.name"] == "orm"
     ]  # fmt: skip
     assert held_idle.count == 1 and held_idle.sum >= 0.02
+
+
+def _recorder(engine):
+    return engine.pool.__dict__[POOL_RECORDER_ATTR]
 
 
 def test_wait_span_budget_per_pool(otel, make_sync_engine):

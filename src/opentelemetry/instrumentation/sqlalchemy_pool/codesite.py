@@ -8,6 +8,7 @@ asyncio task that awaited), where the user's coroutine is.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import sysconfig
@@ -39,12 +40,17 @@ def _library_prefixes() -> tuple[str, ...]:
     )  # fmt: skip
     for name in package_names:
         module = sys.modules.get(name)
-        if module is None:
+        if module is not None:
+            paths = getattr(module, "__path__", None)
+        else:
+            # Located, not imported: importing FastAPI, uvicorn, httpx... into an app that does
+            # not use them would stall its first checkout.
             try:
-                module = __import__(name)
+                spec = importlib.util.find_spec(name)
             except Exception:
                 continue
-        for path in getattr(module, "__path__", ()) or ():
+            paths = spec.submodule_search_locations if spec is not None else None
+        for path in paths or ():
             prefixes.add(os.path.join(os.path.abspath(path), ""))
     return tuple(sorted(p for p in prefixes if p))
 
@@ -56,9 +62,7 @@ _skip_cache: dict[int, tuple[CodeType, bool]] = {}
 
 
 def _is_library(code: CodeType) -> bool:
-    cached = _skip_cache.get(id(code))
-    if cached is not None and cached[0] is code:
-        return cached[1]
+    """Classify a code object, and cache it (find_code_site reads the cache inline)."""
     global _prefixes
     if _prefixes is None:
         _prefixes = _library_prefixes()
@@ -80,10 +84,13 @@ def find_code_site(frame: FrameType | None = None, max_depth: int = 200) -> Code
         frame = sys._getframe(1)
     crossed: set[int] = set()
     depth = 0
+    skip_cache = _skip_cache
     while depth < max_depth:
         while frame is not None and depth < max_depth:
             code = frame.f_code
-            if not _is_library(code):
+            cached = skip_cache.get(id(code))  # inline: a call per frame is most of the walk
+            skip = cached[1] if cached is not None and cached[0] is code else _is_library(code)
+            if not skip:
                 return CodeSite(code.co_name, code.co_filename, frame.f_lineno or 0)
             frame = frame.f_back
             depth += 1

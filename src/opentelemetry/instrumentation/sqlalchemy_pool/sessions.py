@@ -45,12 +45,15 @@ TRACKER_ATTR = "_otel_sqlalchemy_pool_session"
 class RequestState:
     """One HTTP request as seen from inside the app (set by the ASGI shim)."""
 
-    __slots__ = ("__weakref__", "response_sent_at", "scope", "trackers")
+    __slots__ = ("__weakref__", "finished", "response_sent_at", "scope", "trackers")
 
     def __init__(self, scope: dict[str, Any]):
         self.scope = scope
         self.response_sent_at = 0.0  # perf_counter when the last body chunk was sent
-        self.trackers: weakref.WeakSet[SessionTracker] = weakref.WeakSet()
+        self.finished = False  # the request's ASGI call returned
+        # Sessions created during the request, checked when it ends (then dropped). A plain
+        # list made on first use: most requests open one session, some none.
+        self.trackers: list[SessionTracker] | None = None
 
     def route(self) -> str | None:
         route = self.scope.get("route")
@@ -196,8 +199,12 @@ class SessionTracking:
                 tracker = SessionTracker(session, _request_state.get())
                 tracker.async_ = _is_async(session)
                 session.__dict__[TRACKER_ATTR] = tracker
-                if tracker.request is not None:
-                    tracker.request.trackers.add(tracker)
+                request = tracker.request
+                if request is not None and not request.finished:
+                    if request.trackers is None:
+                        request.trackers = [tracker]
+                    else:
+                        request.trackers.append(tracker)
             hold = _hold_of_connection(connection)
             if hold is None:
                 return
@@ -260,8 +267,10 @@ class SessionTracking:
             _log_hook_error("session release")
 
     def _request_finished(self, state: RequestState) -> None:
+        state.finished = True
+        trackers, state.trackers = state.trackers, None
         try:
-            for tracker in list(state.trackers):
+            for tracker in trackers or ():
                 if tracker.holding and not tracker.born_after_response:
                     self._flag_outlived(tracker, "still held a connection when the request ended")
         except Exception:
