@@ -8,6 +8,11 @@ after the same warm-up, once with 0 and once with N measured cycles -- and the d
 divided by N is the cost of one cycle: startup, imports and warm-up cancel out. The SDK's
 periodic reader does not collect during the run (its cost is in the timed scenarios).
 
+The same is done for one request of the end-to-end app (``e2e_app``: FastAPI instrumentor,
+request-scoped ``AsyncSession``, ``SELECT 1`` on asyncpg), driven in-process through httpx's
+ASGI transport one request at a time: the deterministic counterpart of the wrk run, whose
+requests/s move by a third between identical runs on a shared machine.
+
 Needs ``valgrind`` (``apt-get install valgrind``); the scenario is skipped without it.
 """
 
@@ -37,6 +42,8 @@ from .harness import (
 TITLE = "instructions per sync empty checkout cycle (psycopg), counted by valgrind"
 VARIANTS = (V_BARE, V_FLOOR, V_OFFICIAL, V_OURS_METRICS, V_OURS_DEFAULT)
 WARMUP_CYCLES = 200
+REQUEST_MODES = ("bare", "ours")  # as in e2e_app: FastAPI instrumentor alone / + ours
+WARMUP_REQUESTS = 50
 _COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
 
 
@@ -44,10 +51,16 @@ def available() -> bool:
     return shutil.which("valgrind") is not None
 
 
-def _count(url: URL, variant_key: str, cycles: int, timeout_s: float) -> int:
-    """Instructions executed by a child that runs ``cycles`` cycles after the warm-up."""
+def _count(url: URL, variant_key: str, cycles: int, timeout_s: float, kind: str = "cycle") -> int:
+    """Instructions executed by a child that runs ``cycles`` cycles (or requests) after the
+    warm-up."""
     config = json.dumps(
-        {"url": url.render_as_string(hide_password=False), "variant": variant_key, "n": cycles}
+        {
+            "url": url.render_as_string(hide_password=False),
+            "variant": variant_key,
+            "n": cycles,
+            "kind": kind,
+        }
     )
     command = [
         "valgrind",
@@ -70,17 +83,24 @@ def _count(url: URL, variant_key: str, cycles: int, timeout_s: float) -> int:
 
 def run_instructions_scenario(
     url_sync: URL,
+    url_async: URL,
     cycles: int,
+    requests: int,
     progress: Any,
     variant_keys: tuple[str, ...] | None = None,
     timeout_s: float = 1800,
 ) -> dict[str, Any]:
     variants = [v for v in VARIANTS if variant_keys is None or v.key in variant_keys]
-    runs = [(v.key, n) for v in variants for n in (0, cycles)]
+    runs = [("cycle", url_sync, v.key, n) for v in variants for n in (0, cycles)]
+    runs += [("request", url_async, mode, n) for mode in REQUEST_MODES for n in (0, requests)]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        results = pool.map(lambda run: _count(url_sync, run[0], run[1], timeout_s), runs)
-        counts = dict(zip(runs, results, strict=True))
-    per_cycle = {v.key: (counts[(v.key, cycles)] - counts[(v.key, 0)]) / cycles for v in variants}
+        results = pool.map(lambda run: _count(run[1], run[2], run[3], timeout_s, run[0]), runs)
+        counts = {(kind, key, n): c for (kind, _, key, n), c in zip(runs, results, strict=True)}
+
+    def per_unit(kind: str, key: str, n: int) -> float:
+        return (counts[(kind, key, n)] - counts[(kind, key, 0)]) / n
+
+    per_cycle = {v.key: per_unit("cycle", v.key, cycles) for v in variants}
     bare = per_cycle[V_BARE.key]
     floor, official = per_cycle.get(V_FLOOR.key), per_cycle.get(V_OFFICIAL.key)
     rows = []
@@ -104,16 +124,60 @@ def run_instructions_scenario(
             row["vs_official_added"] = (value - bare) / (official - bare)
         rows.append(row)
         progress(f"[instructions] {variant.key:<16} {value:>10,.0f} instructions/cycle")
+    per_request = {mode: per_unit("request", mode, requests) for mode in REQUEST_MODES}
+    request_rows = []
+    for mode, value in per_request.items():
+        request_rows.append(
+            {
+                "variant": mode,
+                "label": "FastAPI instrumentor only"
+                if mode == "bare"
+                else "FastAPI instrumentor + ours (defaults)",
+                "instructions": round(value),
+                "ratio": value / per_request["bare"],
+                "added": value - per_request["bare"],
+            }
+        )
+        progress(f"[instructions] e2e request {mode:<5} {value:>12,.0f} instructions/request")
     return {
         "key": "instructions",
         "kind": "instructions",
         "title": TITLE,
         "cycles": cycles,
         "rows": rows,
+        "requests": requests,
+        "request_rows": request_rows,
     }
 
 
+def _request_child(config: dict[str, Any]) -> None:
+    """One e2e_app process, requests sent in-process one at a time (no sockets, no server)."""
+    import asyncio
+
+    os.environ["SQLA_POOL_BENCH_MODE"] = config["variant"]
+    os.environ["SQLA_POOL_BENCH_DB_URL"] = config["url"]
+    os.environ["SQLA_POOL_BENCH_EXPORT_INTERVAL_MS"] = "1e9"  # no collection while counting
+    import httpx
+
+    from .e2e_app import app
+
+    async def send(client: httpx.AsyncClient, count: int) -> None:
+        for _ in range(count):
+            (await client.get("/q")).raise_for_status()
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
+            await send(client, WARMUP_REQUESTS)
+            await send(client, config["n"])
+
+    asyncio.run(main())
+    os._exit(0)
+
+
 def _child(config: dict[str, Any]) -> None:
+    if config.get("kind") == "request":
+        _request_child(config)
     import sqlalchemy as sa
 
     from .harness import Active, make_providers

@@ -227,6 +227,24 @@ def _instructions_table(scenario: dict[str, Any]) -> list[str]:
             + ("" if row["vs_official_added"] is None else f"{row['vs_official_added']:.2f}")
             + f" | {_targets_cell(row)} |"
         )
+    request_rows = scenario.get("request_rows") or []
+    if request_rows:
+        lines += [
+            "",
+            f"Per request of the e2e app (FastAPI + asyncpg, `SELECT 1` in a request-scoped "
+            f"`AsyncSession`), in-process through httpx's ASGI transport, one request at a time; "
+            f"difference of a 0-request and a {scenario['requests']:,}-request run:",
+            "",
+            "| variant | instructions/request | x bare | added |",
+            "|---|---:|---:|---:|",
+        ]
+        for row in request_rows:
+            lines.append(
+                f"| `{row['variant']}` {row['label']} | {row['instructions']:,} "
+                f"| {row['ratio']:.3f} | "
+                + ("—" if row["variant"] == "bare" else f"{row['added']:+,.0f}")
+                + " |"
+            )
     return [*lines, ""]
 
 

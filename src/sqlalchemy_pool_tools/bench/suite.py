@@ -55,6 +55,7 @@ class Settings:
     memory_window: int
     memory_session_window: int
     instruction_cycles: int = 5_000
+    instruction_requests: int = 200
     instruction_variants: tuple[str, ...] | None = None  # None: all of instructions.VARIANTS
     wait_tasks: int = 200
     pool_size: int = 5
@@ -97,6 +98,7 @@ PROFILES: dict[str, Settings] = {
         memory_window=20_000,
         memory_session_window=2_000,
         instruction_cycles=2_000,
+        instruction_requests=100,
     ),
     # For the test suite: every row, every verification, numbers meaningless.
     "tiny": Settings(
@@ -112,6 +114,7 @@ PROFILES: dict[str, Settings] = {
         memory_window=500,
         memory_session_window=200,
         instruction_cycles=300,
+        instruction_requests=10,
         instruction_variants=("bare", "ours-metrics"),  # valgrind runs are slow: two suffice
         memory_gc="explicit",  # deterministic: no finalizer runs inside SDK threads
     ),
@@ -382,6 +385,11 @@ def _run_scenario(
                 "rows": [],
             }
         return instructions.run_instructions_scenario(
-            url_sync, settings.instruction_cycles, progress, settings.instruction_variants
+            url_sync,
+            url_async,
+            settings.instruction_cycles,
+            settings.instruction_requests,
+            progress,
+            settings.instruction_variants,
         )
     raise ValueError(f"unknown scenario {name!r}")
