@@ -300,7 +300,8 @@ def test_sync_pool_behaves_the_same(poolclass, otel, hook_errors, make_sync_engi
     runs = []
     for instrumented in (False, True):
         if instrumented:
-            otel.instrument()
+            # Every engine timed: the statement and reset wrappers are active too.
+            otel.instrument(statement_timing="all")
         name = f"tr-{poolclass.__name__}-{int(instrumented)}"
         runs.append(run_sync_scenario(make_sync_engine, poolclass, admin, name))
     (plain_out, plain_events, plain_state), (inst_out, inst_events, inst_state) = runs
@@ -541,7 +542,7 @@ async def test_async_pool_behaves_the_same(otel, hook_errors, make_async_engine,
     runs = []
     for instrumented in (False, True):
         if instrumented:
-            otel.instrument()
+            otel.instrument(statement_timing="all")
         name = f"tr-async-{int(instrumented)}"
         runs.append(await run_async_scenario(make_async_engine, admin, name))
     (plain_out, plain_events, plain_state), (inst_out, inst_events, inst_state) = runs
