@@ -3,9 +3,9 @@
 On a shared machine wall and CPU time of the same block move ±30 % between rounds, which buries
 differences of a few µs. The number of machine instructions the client process executes per
 ``with engine.connect(): pass`` barely moves (about ±0.7 %), so it compares variants closely,
-on any machine. Each variant runs in a child interpreter under ``valgrind --tool=callgrind`` twice --
-after the same warm-up, once with 0 and once with N measured cycles -- and the difference
-divided by N is the cost of one cycle: startup, imports and warm-up cancel out. The SDK's
+on any machine. Each variant runs in a child interpreter under ``valgrind --tool=callgrind``
+twice -- after the same warm-up, once with 0 and once with N measured cycles -- and the
+difference divided by N is the cost of one cycle: startup, imports and warm-up cancel out. The SDK's
 periodic reader does not collect during the run (its cost is in the timed scenarios).
 
 The same is done for one request of the end-to-end app (``e2e_app``: FastAPI instrumentor,
