@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -178,6 +179,25 @@ def _start_demo(argv: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
     )
 
 
+def _interrupt(proc: subprocess.Popen[str], expected_status: int) -> str:
+    """Ctrl-C the demo; its remaining stderr. Both pipes are drained while it shuts down (a
+    full pipe would block its last writes), and a shutdown that hangs fails with its output
+    and, where py-spy exists, its stack."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        stacks = ""
+        if shutil.which("py-spy"):
+            dump = ["py-spy", "dump", "--pid", str(proc.pid)]
+            stacks = subprocess.run(dump, capture_output=True, text=True, check=False).stdout
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"the demo did not stop within 30 s of Ctrl-C\n{stacks}\n{err[-3000:]}")
+    assert proc.returncode == expected_status, err[-3000:]
+    return err
+
+
 def test_serve_runs_until_ctrl_c_and_cleans_up(
     demo_env: dict[str, str], pg_server_url: URL, databases_before: set[str]
 ) -> None:
@@ -212,11 +232,10 @@ def test_serve_runs_until_ctrl_c_and_cleans_up(
                 )
                 assert cli.returncode == 0, cli.stderr
                 assert "pool demo" in cli.stdout
-            proc.send_signal(signal.SIGINT)
-            assert proc.wait(timeout=30) == 0
+            rest = _interrupt(proc, 0)
         finally:
             _stop(proc)
-        assert "Traceback" not in (proc.stderr.read() if proc.stderr else "")
+        assert "Traceback" not in rest
         with pytest.raises(httpx.ConnectError):
             probe.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
     assert _demo_databases(pg_server_url) <= databases_before
@@ -234,9 +253,7 @@ def test_interrupt_during_a_scenario_exits_130_and_cleans_up(
             if not line or "load for" in line:
                 break
         time.sleep(1.0)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 130
-        rest = proc.stderr.read()
+        rest = _interrupt(proc, 130)
     finally:
         _stop(proc)
     assert "Traceback" not in rest

@@ -114,7 +114,7 @@ PROFILES: dict[str, Settings] = {
         memory_window=500,
         memory_session_window=200,
         instruction_cycles=300,
-        instruction_requests=10,
+        instruction_requests=50,  # fewer: one wake-up more or less outweighs our cost
         instruction_variants=("bare", "ours-metrics"),  # valgrind runs are slow: two suffice
         memory_gc="explicit",  # deterministic: no finalizer runs inside SDK threads
     ),
