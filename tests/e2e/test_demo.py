@@ -169,6 +169,14 @@ def _stop(proc: subprocess.Popen[str]) -> None:
             proc.wait()
 
 
+def _default_sigint() -> None:
+    # A test runner started in the background (`cmd &` in a script, nohup) ignores SIGINT, and
+    # children inherit that: Python then installs no KeyboardInterrupt handler and Ctrl-C
+    # would do nothing. The demo is meant to run in a terminal, so give it the terminal's
+    # default.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_demo(argv: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "sqlalchemy_pool_tools", "demo", *argv],
@@ -176,6 +184,7 @@ def _start_demo(argv: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_sigint,
     )
 
 
