@@ -27,6 +27,10 @@ from .harness import child_env, median, ours_file
 
 Progress = Callable[[str], None]
 MODES = ("bare", "ours")
+MODE_LABELS = {
+    "bare": "FastAPI instrumentor only",
+    "ours": "FastAPI instrumentor + ours (defaults)",
+}
 
 
 def free_port() -> int:
@@ -292,9 +296,7 @@ def run_e2e_scenario(url_async: URL, settings: Any, progress: Progress) -> dict[
         rows.append(
             {
                 "variant": mode,
-                "label": "FastAPI instrumentor only"
-                if mode == "bare"
-                else "FastAPI instrumentor + ours (defaults)",
+                "label": MODE_LABELS[mode],
                 "rps": median(r["rps"] for r in mine),
                 "p50_ms": median(r["p50_ms"] for r in mine if r["p50_ms"] is not None),
                 "p99_ms": median(r["p99_ms"] for r in mine if r["p99_ms"] is not None),

@@ -10,7 +10,7 @@ periodic reader does not collect during the run (its cost is in the timed scenar
 
 The same is done for one request of the end-to-end app (``e2e_app``: FastAPI instrumentor,
 request-scoped ``AsyncSession``, ``SELECT 1`` on asyncpg), driven in-process through httpx's
-ASGI transport one request at a time: the deterministic counterpart of the wrk run, whose
+ASGI transport one request at a time: the steadier counterpart of the wrk run, whose
 requests/s move by a third between identical runs on a shared machine.
 
 Spans triggered by wall-clock thresholds (a checkout waiting >= 100 ms, a session holding a
@@ -34,6 +34,7 @@ from typing import Any
 
 from sqlalchemy.engine import URL
 
+from .e2e import MODE_LABELS, MODES
 from .harness import (
     CYCLE_VARIANTS,
     V_BARE,
@@ -47,7 +48,6 @@ from .harness import (
 TITLE = "instructions per sync empty checkout cycle (psycopg), counted by valgrind"
 VARIANTS = (V_BARE, V_FLOOR, V_OFFICIAL, V_OURS_METRICS, V_OURS_DEFAULT)
 WARMUP_CYCLES = 200
-REQUEST_MODES = ("bare", "ours")  # as in e2e_app: FastAPI instrumentor alone / + ours
 WARMUP_REQUESTS = 50
 # Thresholds on wall-clock time: far out of reach, so only the hot path is counted.
 NO_TIMED_SPANS = {
@@ -107,7 +107,7 @@ def run_instructions_scenario(
 ) -> dict[str, Any]:
     variants = [v for v in VARIANTS if variant_keys is None or v.key in variant_keys]
     runs = [("cycle", url_sync, v.key, n) for v in variants for n in (0, cycles)]
-    runs += [("request", url_async, mode, n) for mode in REQUEST_MODES for n in (0, requests)]
+    runs += [("request", url_async, mode, n) for mode in MODES for n in (0, requests)]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         results = pool.map(lambda run: _count(run[1], run[2], run[3], timeout_s, run[0]), runs)
         counts = {(kind, key, n): c for (kind, _, key, n), c in zip(runs, results, strict=True)}
@@ -139,15 +139,13 @@ def run_instructions_scenario(
             row["vs_official_added"] = (value - bare) / (official - bare)
         rows.append(row)
         progress(f"[instructions] {variant.key:<16} {value:>10,.0f} instructions/cycle")
-    per_request = {mode: per_unit("request", mode, requests) for mode in REQUEST_MODES}
+    per_request = {mode: per_unit("request", mode, requests) for mode in MODES}
     request_rows = []
     for mode, value in per_request.items():
         request_rows.append(
             {
                 "variant": mode,
-                "label": "FastAPI instrumentor only"
-                if mode == "bare"
-                else "FastAPI instrumentor + ours (defaults)",
+                "label": MODE_LABELS[mode],
                 "instructions": round(value),
                 "ratio": value / per_request["bare"],
                 "added": value - per_request["bare"],
