@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -28,66 +25,23 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
-from pipeline.queries import all_queries, rule_files
+from pipeline.collector import free_port
+from pipeline.processes import firing, query, start, start_prometheus, stop, wait_http
+from pipeline.queries import all_queries
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
-PROMETHEUS = shutil.which("prometheus")
 APP_DIR = Path(__file__).resolve().parent
-FOR_IN_TEST = "2s"
 ALERTS_THAT_MUST_FIRE = {"SQLAlchemyPoolSaturated", "SQLAlchemyPoolCheckoutTimeouts"}
 LOAD_WORKERS = 8  # concurrent /slow requests against a pool of 2 + 1 overflow
 MAX_REQUESTS = 3000  # hard bound on the requests the test sends
 
 
-def _require_instrumentor() -> None:
-    try:
-        from opentelemetry.instrumentation.sqlalchemy_pool import (  # noqa: F401
-            SQLAlchemyPoolInstrumentor,
-        )
-    except ImportError as exc:
-        pytest.skip(
-            "awaits the instrumentor: SQLAlchemyPoolInstrumentor is not importable yet "
-            f"({exc}); this test needs it to produce the metrics"
-        )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_http(url: str, process: subprocess.Popen, log: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"{process.args[0]} exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"{url} not ready after {timeout}s:\n{log.read_text()}")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-
-
 @dataclass
 class App:
     url: str
-    process: subprocess.Popen
+    process: object
     log: Path
 
     def log_tail(self, chars: int = 4000) -> str:
@@ -96,8 +50,7 @@ class App:
 
 @pytest.fixture
 def app(async_url, tmp_path):
-    _require_instrumentor()
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "app.log"
     env = dict(
         os.environ,
@@ -105,65 +58,27 @@ def app(async_url, tmp_path):
         OTEL_SEMCONV_STABILITY_OPT_IN="http",
         PYTHONUNBUFFERED="1",
     )
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "e2e_pool_app:app", "--app-dir", str(APP_DIR),
-             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-            env=env, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    process = start(
+        [sys.executable, "-m", "uvicorn", "e2e_pool_app:app", "--app-dir", str(APP_DIR),
+         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+        log, env,
+    )  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait_http(f"{url}/healthz", process, log)
+        wait_http(f"{url}/healthz", process, log)
         yield App(url, process, log)
     finally:
-        _stop(process)
-
-
-def _test_rules(directory: Path) -> list[str]:
-    """Copies of the shipped rule files with every ``for:`` shortened."""
-    paths = []
-    for path in rule_files():
-        doc = yaml.safe_load(path.read_text())
-        for group in doc["groups"]:
-            group["interval"] = "1s"
-            for rule in group["rules"]:
-                if "for" in rule:
-                    rule["for"] = FOR_IN_TEST
-        copy = directory / path.name
-        copy.write_text(yaml.safe_dump(doc, sort_keys=False))
-        paths.append(str(copy))
-    return paths
+        stop(process)
 
 
 @pytest.fixture
 def prometheus_url(app: App, tmp_path):
-    if PROMETHEUS is None:
-        pytest.skip("the prometheus binary is not on PATH (Debian: apt-get install prometheus)")
-    port = _free_port()
-    config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": _test_rules(tmp_path),
-        "scrape_configs": [
-            {"job_name": "app", "static_configs": [{"targets": [app.url.split("//", 1)[1]]}]}
-        ],
-    }
-    config_path = tmp_path / "prometheus.yml"
-    config_path.write_text(yaml.safe_dump(config))
-    log = tmp_path / "prometheus.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={config_path}",
-             f"--storage.tsdb.path={tmp_path / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}",
-             "--enable-feature=exemplar-storage"],
-            stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    scrape = [{"job_name": "app", "static_configs": [{"targets": [app.url.split("//", 1)[1]]}]}]
+    url, process = start_prometheus(scrape, tmp_path, free_port())
     try:
-        url = f"http://127.0.0.1:{port}"
-        _wait_http(f"{url}/-/ready", process, log)
         yield url
     finally:
-        _stop(process)
+        stop(process)
 
 
 async def _drive(app_url: str, stop: asyncio.Event) -> dict[int | str, int]:
@@ -201,75 +116,58 @@ async def _one_of_each(app_url: str) -> None:
             assert response.status_code == 200, (path, response.status_code, response.text)
 
 
-async def _firing(client: httpx.AsyncClient) -> dict[str, list[dict]]:
-    alerts = (await client.get("/api/v1/alerts")).json()["data"]["alerts"]
-    out: dict[str, list[dict]] = {}
-    for alert in alerts:
-        if alert["state"] == "firing":
-            out.setdefault(alert["labels"]["alertname"], []).append(alert)
-    return out
-
-
-async def _query(client: httpx.AsyncClient, promql: str) -> tuple[str, list]:
-    response = await client.post("/api/v1/query", data={"query": promql})
-    body = response.json()
-    if body.get("status") != "success":
-        return f"error: {body.get('error')}", []
-    return "success", body["data"]["result"]
-
-
 async def test_every_query_returns_data_and_pool_alerts_fire(app: App, prometheus_url):
     # Every kind of signal once on an idle pool: under saturation these may all time out.
     await _one_of_each(app.url)
     stop = asyncio.Event()
     load = asyncio.create_task(_drive(app.url, stop))
     async with httpx.AsyncClient(base_url=prometheus_url, timeout=10) as prom:
-        firing: dict[str, list[dict]] = {}
+        fired: dict[str, list[dict]] = {}
         deadline = time.monotonic() + 90
         try:
-            while time.monotonic() < deadline and not set(firing) >= ALERTS_THAT_MUST_FIRE:
+            while time.monotonic() < deadline and not set(fired) >= ALERTS_THAT_MUST_FIRE:
                 await asyncio.sleep(1)
                 if load.done():
                     break
-                firing = await _firing(prom)
+                fired = await firing(prom)
             # a few more seconds of load so the slower signals (pg sampler, leaks) show up
             await asyncio.sleep(3)
         finally:
             stop.set()
             statuses = await load
-        print(f"responses: {statuses}; firing: {sorted(firing)}")
+        print(f"responses: {statuses}; firing: {sorted(fired)}")
         assert app.process.poll() is None, f"the app died:\n{app.log_tail()}"
-        assert set(firing) >= ALERTS_THAT_MUST_FIRE, (
-            f"firing: {sorted(firing)}; responses: {statuses}\n{app.log_tail()}"
+        assert set(fired) >= ALERTS_THAT_MUST_FIRE, (
+            f"firing: {sorted(fired)}; responses: {statuses}\n{app.log_tail()}"
         )
         assert statuses.get(503), f"no pool timeouts seen by the client: {statuses}"
         assert statuses.get(200), f"no request succeeded: {statuses}\n{app.log_tail()}"
         for name in ALERTS_THAT_MUST_FIRE:
-            labels = firing[name][0]["labels"]
+            labels = fired[name][0]["labels"]
             assert labels["job"] == "app" and labels["db_client_connection_pool_name"] == "main"
             assert labels["instance"] == app.url.split("//", 1)[1]
 
         await _one_of_each(app.url)  # recent samples for the rate() windows
         await asyncio.sleep(3)  # scraped, and sampled by pg_activity (1 s interval)
         failures, collector_only = [], []
-        queries = [q for q in all_queries() if q.kind in ("panel", "variable", "datasource")]
+        queries = [x for x in all_queries() if x.kind in ("panel", "variable", "datasource")]
         assert queries
-        for query in queries:
-            if query.requires_collector:
-                collector_only.append(query.where)
+        for q in queries:
+            if q.requires_collector:
+                collector_only.append(q.where)
                 continue
-            status, result = await _query(prom, query.promql)
+            status, result = await query(prom, q.promql)
             if status != "success" or not result:
-                failures.append(f"{query.where}: {status}, {len(result)} series\n  {query.promql}")
-        for query in all_queries():
-            if query.kind != "alert":
+                failures.append(f"{q.where}: {status}, {len(result)} series\n  {q.promql}")
+        for q in all_queries():
+            if q.kind != "alert":
                 continue
-            for metric in sorted(query.metrics):
+            for metric in sorted(q.metrics):
                 if metric.startswith("traces_span_metrics_"):
                     continue
-                status, result = await _query(prom, f'count({{__name__="{metric}"}})')
+                status, result = await query(prom, f'count({{__name__="{metric}"}})')
                 if status != "success" or not result:
-                    failures.append(f"{query.where}: metric {metric} has no series")
+                    failures.append(f"{q.where}: metric {metric} has no series")
         assert not failures, (
             "queries without data (span-metrics queries skipped, they need the collector: "
             f"{collector_only}):\n" + "\n".join(failures)

@@ -63,8 +63,14 @@ class Query:
         return any(name.startswith(COLLECTOR_ONLY_PREFIX) for name in self.metrics)
 
 
-def to_promql(expr: str, *, provisioning: bool = False) -> str:
-    """Substitute Grafana macros and template variables; see the module docstring."""
+def to_promql(
+    expr: str, *, provisioning: bool = False, variables: dict[str, str] | None = None
+) -> str:
+    """Substitute Grafana macros and template variables; see the module docstring.
+
+    ``variables`` gives some variables a value (a regex, as Grafana would put in the ``=~``
+    matcher); the others are "All" (``.*``).
+    """
     if provisioning:
         expr = expr.replace("$$", "$")
     match = _LABEL_VALUES.match(expr)
@@ -74,7 +80,8 @@ def to_promql(expr: str, *, provisioning: bool = False) -> str:
     expr = expr.replace("$__interval", RATE_INTERVAL)
     expr = expr.replace("$__range", RANGE)
     expr = expr.replace("$__tags", 'job=~".+"')
-    return _VARIABLE.sub(".*", expr)
+    values = variables or {}
+    return _VARIABLE.sub(lambda m: values.get(next(g for g in m.groups() if g), ".*"), expr)
 
 
 def template_variables(expr: str) -> list[str]:

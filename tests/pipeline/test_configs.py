@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from opentelemetry.instrumentation.sqlalchemy_pool import semconv
+from opentelemetry.instrumentation.sqlalchemy_pool import SQLAlchemyPoolInstrumentor, semconv
 from pipeline.queries import (
     REPO,
     all_queries,
@@ -230,9 +230,9 @@ def test_ports_and_urls_agree_across_the_stack():
     assert 3000 in _published("grafana")
 
     # The agent's load balancer reaches the gateway's OTLP receiver.
-    agent_lb = collector("otelcol-agent")["exporters"]["loadbalancing"]
+    agent_lb = collector("otelcol-agent")["exporters"]["load_balancing"]
     gateway_otlp = collector("otelcol-gateway")["receivers"]["otlp"]["protocols"]["grpc"]
-    assert agent_lb["resolver"]["dns"]["port"] == port_of(gateway_otlp["endpoint"])
+    assert int(agent_lb["resolver"]["dns"]["port"]) == port_of(gateway_otlp["endpoint"])
     gateway_tempo = collector("otelcol-gateway")["exporters"]["otlp_grpc/tempo"]["endpoint"]
     assert gateway_tempo == f"tempo:{port_of(tempo_grpc)}"
 
@@ -310,9 +310,9 @@ def test_collector_pipelines_reference_only_defined_components(name: str):
     for connector in defined["connectors"]:
         # A connector is an exporter in one pipeline and a receiver in another.
         assert connector_from.get(connector) and connector_to.get(connector), connector
-    if "spanmetrics" in defined["connectors"]:
-        assert connector_from["spanmetrics"] == {"traces"}
-        assert connector_to["spanmetrics"] == {"metrics"}
+    if "span_metrics" in defined["connectors"]:
+        assert connector_from["span_metrics"] == {"traces"}
+        assert connector_to["span_metrics"] == {"metrics"}
     assert "memory_limiter" in defined["processors"] and "batch" in defined["processors"]
 
 
@@ -337,9 +337,9 @@ def test_tail_sampling_runs_where_whole_traces_arrive():
     configs = _tail_sampling_configs()
     assert set(configs) == {"otelcol", "otelcol-gateway"}
     agent = collector("otelcol-agent")
-    assert agent["exporters"]["loadbalancing"]["routing_key"] == "traceID"
+    assert agent["exporters"]["load_balancing"]["routing_key"] == "traceID"
     traces = [p for k, p in agent["service"]["pipelines"].items() if k.startswith("traces")]
-    assert any("loadbalancing" in p["exporters"] for p in traces)
+    assert any("load_balancing" in p["exporters"] for p in traces)
     # Same policies in the single collector and in the gateway tier.
     assert configs["otelcol"]["policies"] == configs["otelcol-gateway"]["policies"]
 
@@ -390,7 +390,7 @@ def go_duration_seconds(text: str) -> float:
 @pytest.mark.parametrize("name", ["otelcol", "otelcol-agent"])
 def test_spanmetrics_turn_pool_spans_into_metrics_with_exemplars(name: str):
     config = collector(name)
-    spanmetrics = config["connectors"]["spanmetrics"]
+    spanmetrics = config["connectors"]["span_metrics"]
     dimensions = [d["name"] for d in spanmetrics["dimensions"]]
     assert dimensions == [semconv.POOL_NAME, semconv.ERROR_TYPE]
     assert spanmetrics["exemplars"]["enabled"] is True
@@ -401,7 +401,7 @@ def test_spanmetrics_turn_pool_spans_into_metrics_with_exemplars(name: str):
     assert spanmetrics["add_resource_attributes"] is True  # job/instance on span metrics too
     # Only the two instrumentation spans reach the connector, and before any sampling.
     pipeline = next(
-        p for p in config["service"]["pipelines"].values() if "spanmetrics" in p["exporters"]
+        p for p in config["service"]["pipelines"].values() if "span_metrics" in p["exporters"]
     )
     assert "tail_sampling" not in pipeline.get("processors", [])
     filters = [config["processors"][p] for p in pipeline["processors"] if p.startswith("filter")]
@@ -415,9 +415,9 @@ def test_prometheus_exporter_keeps_exemplars_and_service_identity(name: str):
     config = collector(name)
     exporter = config["exporters"]["prometheus"]
     assert exporter["enable_open_metrics"] is True
-    assert exporter["resource_to_telemetry_conversion"]["enabled"] is True
+    assert exporter["resource_constant_labels"]["included"] == ["*"]
     metrics = config["service"]["pipelines"]["metrics"]
-    assert set(metrics["receivers"]) == {"otlp", "spanmetrics"}
+    assert set(metrics["receivers"]) == {"otlp", "span_metrics"}
     assert "prometheus" in metrics["exporters"]
     assert "resource/drop_noisy" in metrics["processors"]
 
@@ -460,7 +460,7 @@ def prometheus_names(otel_name: str, kind: str, unit: str) -> set[str]:
 
 
 def spanmetrics_names() -> set[str]:
-    spanmetrics = collector("otelcol")["connectors"]["spanmetrics"]
+    spanmetrics = collector("otelcol")["connectors"]["span_metrics"]
     prefix = spanmetrics["namespace"]
     unit = {"s": "_seconds", "ms": "_milliseconds"}[spanmetrics["histogram"]["unit"]]
     calls = prometheus_names(f"{prefix}.calls", "counter", "")
@@ -631,7 +631,7 @@ def test_queries_never_use_high_cardinality_labels():
 @pytest.mark.parametrize("name", ["otelcol", "otelcol-agent"])
 def test_collector_never_turns_code_sites_or_sql_into_labels(name: str):
     config = collector(name)
-    spanmetrics = config["connectors"]["spanmetrics"]
+    spanmetrics = config["connectors"]["span_metrics"]
     dims = [d["name"].replace(".", "_") for d in spanmetrics["dimensions"]]
     assert not [d for d in dims if FORBIDDEN_LABEL.match(d)]
     assert not spanmetrics.get("events", {}).get("enabled")  # event attributes -> labels
@@ -678,10 +678,6 @@ def test_docs_state_the_series_budget():
 
 def test_instrumentor_metric_labels_stay_within_budget(tmp_path):
     """Run the real instrumentor on a SQLite QueuePool and inspect every exported data point."""
-    try:
-        from opentelemetry.instrumentation.sqlalchemy_pool import SQLAlchemyPoolInstrumentor
-    except ImportError as exc:  # developed in parallel (issue 9): say so, loudly
-        pytest.skip(f"awaits the instrumentor: SQLAlchemyPoolInstrumentor not importable ({exc})")
     import sqlalchemy as sa
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
