@@ -2,7 +2,8 @@
 
 Each sub-command lives in its own module exposing ``register(subparsers)``; the module adds
 its parser and ``set_defaults(func=run)`` with ``run(args) -> int``. Modules are imported
-one by one and guarded, so a missing or broken optional tool never takes the others down.
+one by one, so a tool that cannot be imported (a broken install of one of its dependencies)
+is listed with the reason instead of taking the others down.
 
 Exit codes: 0 success, 1 the tool found a problem (its own choice), 2 bad input or an
 unreachable dependency (one line on stderr, never a traceback), 130 interrupted.
@@ -21,15 +22,14 @@ from sqlalchemy_pool_tools.errors import UserError
 
 PROG = "sqlalchemy-pool"
 
-# Sub-command modules in help order: command name -> candidate modules (the first that
-# imports wins).
-COMMAND_MODULES: dict[str, tuple[str, ...]] = {
-    "demo": ("sqlalchemy_pool_tools.demo.runner",),
-    "loadtest": ("sqlalchemy_pool_tools.loadtest",),
-    "doctor": ("sqlalchemy_pool_tools.doctor.cli",),
-    "pg-activity": ("sqlalchemy_pool_tools.pg_activity_cli",),
-    "holders": ("sqlalchemy_pool_tools.holders_cli",),
-    "benchmarks": ("sqlalchemy_pool_tools.benchmarks_cli",),
+# Sub-command modules in help order.
+COMMAND_MODULES: dict[str, str] = {
+    "demo": "sqlalchemy_pool_tools.demo.runner",
+    "loadtest": "sqlalchemy_pool_tools.loadtest",
+    "doctor": "sqlalchemy_pool_tools.doctor.cli",
+    "pg-activity": "sqlalchemy_pool_tools.pg_activity_cli",
+    "holders": "sqlalchemy_pool_tools.holders_cli",
+    "benchmarks": "sqlalchemy_pool_tools.benchmarks_cli",
 }
 
 
@@ -38,24 +38,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
-
-
-def _import_first(candidates: Sequence[str]) -> tuple[object | None, str | None]:
-    """The first importable module among ``candidates`` and, if one exists but is broken,
-    why it failed. A module that simply is not there is not an error."""
-    problem: str | None = None
-    for name in candidates:
-        try:
-            return importlib.import_module(name), None
-        except ModuleNotFoundError as exc:
-            # Only "this very module (or its package) does not exist" is silent; a missing
-            # dependency *inside* an existing module is worth reporting.
-            if exc.name is not None and (name == exc.name or name.startswith(exc.name + ".")):
-                continue
-            problem = f"{name}: {exc}"
-        except Exception as exc:  # a broken tool must not break the whole CLI
-            problem = f"{name}: {type(exc).__name__}: {exc}"
-    return None, problem
 
 
 def _register_unavailable(subparsers: argparse._SubParsersAction, name: str, why: str) -> None:
@@ -76,14 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
         "pg_stat_activity, holders and benchmarks.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, candidates in COMMAND_MODULES.items():
-        module, problem = _import_first(candidates)
-        register = getattr(module, "register", None)
-        if callable(register):
-            register(subparsers)
-        elif problem is not None:
+    for name, module_name in COMMAND_MODULES.items():
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as exc:
             # Keep the command listed in --help, with the reason it cannot run.
-            _register_unavailable(subparsers, name, problem)
+            _register_unavailable(subparsers, name, f"{module_name}: {type(exc).__name__}: {exc}")
+        else:
+            module.register(subparsers)
     return parser
 
 

@@ -1,11 +1,15 @@
 """``sqlalchemy-pool loadtest``: bounded HTTP load against a local app, with pool figures.
 
-The load comes from ``wrk`` when it is installed (a C load generator does not steal the CPU
-the app under test needs), else from a small built-in asyncio/httpx generator. While the
-load runs, the app's Prometheus endpoint (``--metrics-url``) is sampled so the report puts
-client-side figures (throughput, latency percentiles, errors) next to pool figures over the
-same window (checked-out and pending connections, wait p99, timeouts, held-idle share, leaks,
-pg_stat_activity states).
+The load comes from a calibrated generator (:mod:`sqlalchemy_pool_tools.loadgen`: the
+built-in one, closed or open loop, or ``hey``; wrk is refused because its percentiles fail
+the calibration). While the load runs, the app's Prometheus endpoint (``--metrics-url``) is
+sampled by the doctor's reader (:class:`~sqlalchemy_pool_tools.doctor.figures.MetricsSampler`)
+so the report puts client figures (throughput, latency percentiles, errors) next to the pool
+figures over the same window, computed exactly as the doctor computes them.
+
+``--repeat N`` runs the load N times (interleaved with ``--versus URL``: A B A B ...) and
+reports the median and spread of each figure; a comparison says "no significant change"
+unless every run of one side beats every run of the other.
 
 The core is plain functions (:func:`run_load`, :func:`compare`) so the demo reuses them.
 Load only goes to loopback addresses unless ``--allow-remote`` is given.
@@ -14,163 +18,135 @@ Load only goes to loopback addresses unless ``--allow-remote`` is given.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import dataclasses
 import ipaddress
 import json
-import math
-import os
-import re
-import shutil
 import socket
-import subprocess
-import threading
+import statistics
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from opentelemetry.instrumentation.sqlalchemy_pool import semconv
+from sqlalchemy_pool_tools.doctor import _format as fmt
+from sqlalchemy_pool_tools.doctor.figures import Figures, MetricsSampler, check_url
 from sqlalchemy_pool_tools.errors import UserError
+from sqlalchemy_pool_tools.loadgen import LoadRun, LoadSpec, check_generator, generate
 
 # Hard bounds: a load test is a measuring tool, not a stress weapon.
 MAX_DURATION_S = 600.0
 MAX_CONNECTIONS = 1000
-LUA_SCRIPT = Path(__file__).with_name("loadtest.lua")
-RESULT_VERSION = 1
-
-# Prometheus names (see docs/CONTRACT.md) and their label keys.
-POOL_LABEL = "db_client_connection_pool_name"
-M_COUNT = "db_client_connection_count"
-M_MAX = "db_client_connection_max"
-M_PENDING = "db_client_connection_pending_requests"
-M_TIMEOUTS = "db_client_connection_timeouts_total"
-M_WAIT = "db_client_connection_wait_time_seconds"
-M_USE = "db_client_connection_use_time_seconds"
-M_HELD_IDLE = "sqlalchemy_pool_connection_held_idle_time_seconds"
-M_LEAKS = "sqlalchemy_pool_leaks_total"
-M_PG_BACKENDS = "sqlalchemy_pool_pg_backends"
-M_PG_OLDEST_XACT = "sqlalchemy_pool_pg_oldest_transaction_age_seconds"
-UNNAMED_POOL = "(unnamed)"
+MAX_REPEAT = 20
+RESULT_VERSION = 2
 
 
 # --------------------------------------------------------------------------------------------
 # Results
 # --------------------------------------------------------------------------------------------
 @dataclass
-class PoolWindow:
-    """Pool figures over the load window, from the app's metrics endpoint."""
-
-    pool: str
-    samples: int = 0
-    size_max: float | None = None  # db.client.connection.max (pool_size + max_overflow)
-    max_used: float = 0.0
-    mean_used: float = 0.0
-    max_pending: float = 0.0
-    mean_pending: float = 0.0
-    timeouts: float = 0.0  # delta over the window
-    checkouts: float = 0.0  # wait_time histogram count delta
-    wait_p99_ms: float | None = None
-    held_idle_share: float | None = None  # held-idle seconds / checked-out seconds
-    leaks: dict[str, float] = field(default_factory=dict)  # kind -> delta
-    pg_states_max: dict[str, float] = field(default_factory=dict)  # application scope
-    pg_oldest_xact_s: float | None = None  # max over the window, application scope
-
-
-@dataclass
 class LoadResult:
     """One load run: what the client saw, plus the pool figures over the same window."""
 
     url: str
     paths: list[str]
-    tool: str  # "wrk" | "builtin"
-    connections: int
-    duration_s: float  # measured
-    rate: float | None = None
+    run: LoadRun
     label: str | None = None
     started_at: str = ""
-    requests: int = 0
-    rps: float = 0.0
-    non_2xx: int = 0
-    connect_errors: int = 0
-    read_errors: int = 0
-    write_errors: int = 0
-    timeouts: int = 0
-    latency_ms: dict[str, float] = field(default_factory=dict)  # p50 p95 p99 max mean
-    pools: dict[str, PoolWindow] = field(default_factory=dict)
     metrics_url: str | None = None
+    pools: dict[str, Figures] = field(default_factory=dict)
+
+    @property
+    def rps(self) -> float:
+        return self.run.rps
 
     @property
     def errors(self) -> int:
-        """Every request that did not end in a 2xx response."""
-        return (
-            self.non_2xx
-            + self.connect_errors
-            + self.read_errors
-            + self.write_errors
-            + self.timeouts
-        )
+        return self.run.errors
 
     @property
-    def main_pool(self) -> PoolWindow | None:
+    def latency_s(self) -> dict[str, float]:
+        return self.run.latency_s
+
+    @property
+    def main_pool(self) -> Figures | None:
         """The busiest pool: what a one-pool app's report is about."""
         if not self.pools:
             return None
-        return max(self.pools.values(), key=lambda w: (w.max_used, w.checkouts))
+        return max(self.pools.values(), key=lambda f: (f.used_max or 0, f.checkouts or 0))
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["errors"] = self.errors
-        data["version"] = RESULT_VERSION
-        return data
+        return {
+            "url": self.url,
+            "paths": self.paths,
+            "label": self.label,
+            "started_at": self.started_at,
+            "metrics_url": self.metrics_url,
+            "run": self.run.to_dict(),
+            "errors": self.errors,
+            "rps": self.rps,
+            "pools": {name: fig.to_dict() for name, fig in self.pools.items()},
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoadResult:
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in data.items() if k in names}
-        pool_names = {f.name for f in dataclasses.fields(PoolWindow)}
-        kwargs["pools"] = {
-            name: PoolWindow(**{k: v for k, v in window.items() if k in pool_names})
-            for name, window in (data.get("pools") or {}).items()
-        }
-        return cls(**kwargs)
+        def known(kind: type, values: dict[str, Any]) -> dict[str, Any]:
+            names = {f.name for f in fields(kind)}
+            return {k: v for k, v in values.items() if k in names}
+
+        return cls(
+            url=data["url"],
+            paths=list(data["paths"]),
+            run=LoadRun(**known(LoadRun, data["run"])),
+            label=data.get("label"),
+            started_at=data.get("started_at", ""),
+            metrics_url=data.get("metrics_url"),
+            pools={
+                name: Figures(**known(Figures, fig))
+                for name, fig in (data.get("pools") or {}).items()
+            },
+        )
 
 
-def save(result: LoadResult, path: str | Path) -> None:
+def save(results: Sequence[LoadResult], path: str | Path) -> None:
+    """Write runs (one or a ``--repeat`` series) as JSON."""
+    doc = {"version": RESULT_VERSION, "runs": [r.to_dict() for r in results]}
     try:
-        Path(path).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        Path(path).write_text(json.dumps(doc, indent=2) + "\n")
     except OSError as exc:
         raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
-def load(path: str | Path) -> LoadResult:
+def load(path: str | Path) -> list[LoadResult]:
     try:
         data = json.loads(Path(path).read_text())
-        if not isinstance(data, dict) or "requests" not in data:
+        if not isinstance(data, dict) or "runs" not in data:
             raise ValueError("not a loadtest result")
-        return LoadResult.from_dict(data)
+        if data.get("version") != RESULT_VERSION:
+            raise ValueError(f"saved by another version ({data.get('version')}); re-run it")
+        runs = [LoadResult.from_dict(r) for r in data["runs"]]
+        if not runs:
+            raise ValueError("no runs")
+        return runs
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, KeyError) as exc:
         raise UserError(f"{path} is not a saved loadtest result ({exc})") from None
 
 
 # --------------------------------------------------------------------------------------------
 # Target checks
 # --------------------------------------------------------------------------------------------
-def check_url(url: str, *, allow_remote: bool = False, what: str = "target") -> None:
-    """Refuse anything but http(s) to a loopback address (unless ``allow_remote``)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UserError(f"{what} must be an http:// or https:// URL, got {url!r}")
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        raise UserError(f"{what} URL has an invalid port: {url!r}") from None
+def require_loopback(url: str, *, allow_remote: bool = False, what: str = "target") -> str:
+    """``url`` (checked by the doctor's URL rule); UserError unless it resolves to loopback
+    addresses only (or ``allow_remote``)."""
+    url = check_url(url, what)
     if allow_remote:
-        return
+        return url
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
         infos = socket.getaddrinfo(parts.hostname, port, proto=socket.IPPROTO_TCP)
     except socket.gaierror as exc:
@@ -181,6 +157,7 @@ def check_url(url: str, *, allow_remote: bool = False, what: str = "target") -> 
             f"refusing to load-test {parts.hostname} ({', '.join(addresses)}): not a loopback "
             "address; pass --allow-remote only for a server you own"
         )
+    return url
 
 
 def split_target(url: str, paths: Sequence[str] | None) -> tuple[str, list[str]]:
@@ -207,384 +184,8 @@ def _probe(url: str, timeout: float = 5.0) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Metrics sampling (Prometheus text from the app under test)
+# Running
 # --------------------------------------------------------------------------------------------
-Sample = tuple[str, dict[str, str], float]
-
-
-def parse_metrics(text: str) -> list[Sample]:
-    """Flat ``(sample name, labels, value)`` list from Prometheus exposition text."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return [
-        (s.name, dict(s.labels), float(s.value))
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    ]
-
-
-class MetricsSampler:
-    """Scrapes a Prometheus endpoint on a background thread until stopped.
-
-    The first and last scrapes bound the window for counters and histograms (deltas); the
-    scrapes in between feed the gauge figures (max and mean checked-out, pending, pg states).
-    """
-
-    def __init__(self, url: str, interval_s: float = 0.5, timeout_s: float = 5.0) -> None:
-        import httpx
-
-        self.url = url
-        self.interval_s = interval_s
-        self._client = httpx.Client(timeout=timeout_s)
-        self.scrapes: list[list[Sample]] = []
-        self.errors = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="metrics-sampler", daemon=True)
-
-    def scrape(self) -> list[Sample]:
-        import httpx
-
-        try:
-            response = self._client.get(self.url)
-            response.raise_for_status()
-            return parse_metrics(response.text)
-        except (httpx.HTTPError, ValueError) as exc:
-            raise UserError(f"cannot read metrics from {self.url}: {exc}") from None
-
-    def _take(self) -> None:
-        try:
-            self.scrapes.append(self.scrape())
-        except UserError:
-            self.errors += 1  # one missed scrape during a load spike is not fatal
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._take()
-
-    def start(self) -> None:
-        self.scrapes.append(self.scrape())  # baseline; failing here is a clear user error
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._take()
-        self._client.close()
-
-    def windows(self) -> dict[str, PoolWindow]:
-        return pool_windows(self.scrapes)
-
-
-def _pool_of(labels: dict[str, str]) -> str | None:
-    return labels.get(POOL_LABEL)
-
-
-def _by_pool(samples: Iterable[Sample], name: str, **match: str) -> dict[str | None, float]:
-    """Sum of ``name`` samples per pool, keeping those whose labels include ``match``."""
-    out: dict[str | None, float] = {}
-    for sample_name, labels, value in samples:
-        if sample_name != name or any(labels.get(k) != v for k, v in match.items()):
-            continue
-        pool = _pool_of(labels)
-        out[pool] = out.get(pool, 0.0) + value
-    return out
-
-
-def _delta(first: float | None, last: float | None) -> float:
-    if last is None:
-        return 0.0
-    if first is None or last < first:  # counter reset (app restart): count from zero
-        return last
-    return last - first
-
-
-def _buckets(samples: Iterable[Sample], name: str) -> dict[str | None, dict[float, float]]:
-    """Cumulative bucket counts ``{pool: {le: count}}`` of histogram ``name``."""
-    out: dict[str | None, dict[float, float]] = {}
-    for sample_name, labels, value in samples:
-        if sample_name != name + "_bucket" or "le" not in labels:
-            continue
-        le = math.inf if labels["le"] in ("+Inf", "Inf") else float(labels["le"])
-        per_pool = out.setdefault(_pool_of(labels), {})
-        per_pool[le] = per_pool.get(le, 0.0) + value
-    return out
-
-
-def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
-    """Prometheus-style ``histogram_quantile`` over cumulative ``{le: count}`` buckets.
-
-    Linear interpolation inside the bucket; a rank in the ``+Inf`` bucket answers with the
-    highest finite bound (all we know is "more than that").
-    """
-    bounds = sorted(buckets)
-    if not bounds or buckets[bounds[-1]] <= 0:
-        return None
-    total = buckets[bounds[-1]]
-    rank = q * total
-    lower, lower_count = 0.0, 0.0
-    for le in bounds:
-        count = buckets[le]
-        if count >= rank:
-            if math.isinf(le):
-                return lower
-            if count == lower_count:
-                return le
-            return lower + (le - lower) * (rank - lower_count) / (count - lower_count)
-        lower, lower_count = le, count
-    return lower
-
-
-def pool_windows(scrapes: Sequence[list[Sample]]) -> dict[str, PoolWindow]:
-    """Per-pool figures over the window covered by ``scrapes`` (oldest first)."""
-    if not scrapes:
-        return {}
-    first, last = scrapes[0], scrapes[-1]
-    names: set[str] = set()
-    for samples in scrapes:
-        for name, labels, _ in samples:
-            if name in (M_COUNT, M_MAX, M_PENDING) and _pool_of(labels) is not None:
-                names.add(labels[POOL_LABEL])
-    if not names and any(name == M_COUNT for name, _, _ in last):
-        names.add(UNNAMED_POOL)
-
-    def key(pool: str) -> str | None:
-        return None if pool == UNNAMED_POOL else pool
-
-    windows: dict[str, PoolWindow] = {}
-    for pool in sorted(names):
-        w = PoolWindow(pool=pool, samples=len(scrapes))
-        used = [
-            _by_pool(s, M_COUNT, db_client_connection_state="used").get(key(pool), 0.0)
-            for s in scrapes
-        ]
-        pending = [_by_pool(s, M_PENDING).get(key(pool), 0.0) for s in scrapes]
-        w.max_used, w.mean_used = max(used), sum(used) / len(used)
-        w.max_pending, w.mean_pending = max(pending), sum(pending) / len(pending)
-        w.size_max = _by_pool(last, M_MAX).get(key(pool))
-        w.timeouts = _delta(
-            _by_pool(first, M_TIMEOUTS).get(key(pool)), _by_pool(last, M_TIMEOUTS).get(key(pool))
-        )
-        w.checkouts = _delta(
-            _by_pool(first, M_WAIT + "_count").get(key(pool)),
-            _by_pool(last, M_WAIT + "_count").get(key(pool)),
-        )
-        before = _buckets(first, M_WAIT).get(key(pool), {})
-        after = _buckets(last, M_WAIT).get(key(pool), {})
-        window_buckets = {le: _delta(before.get(le), count) for le, count in after.items()}
-        p99 = histogram_quantile(0.99, window_buckets)
-        w.wait_p99_ms = None if p99 is None else p99 * 1000.0
-        held_idle = _delta(
-            _by_pool(first, M_HELD_IDLE + "_sum").get(key(pool)),
-            _by_pool(last, M_HELD_IDLE + "_sum").get(key(pool)),
-        )
-        use = _delta(
-            _by_pool(first, M_USE + "_sum").get(key(pool)),
-            _by_pool(last, M_USE + "_sum").get(key(pool)),
-        )
-        w.held_idle_share = min(1.0, held_idle / use) if use > 0 else None
-        if w.checkouts and w.max_used < 1:
-            # Short holds fall between scrapes; a window with checkouts had at least one
-            # connection in use at some moment.
-            w.max_used = 1.0
-        w.leaks = _leaks(first, last, key(pool))
-        w.pg_states_max, w.pg_oldest_xact_s = _pg_figures(scrapes, key(pool))
-        windows[pool] = w
-    return windows
-
-
-def _leaks(first: list[Sample], last: list[Sample], pool: str | None) -> dict[str, float]:
-    def per_kind(samples: list[Sample]) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for name, labels, value in samples:
-            if name == M_LEAKS and _pool_of(labels) == pool:
-                kind = labels.get("sqlalchemy_pool_leak_kind", "unknown")
-                out[kind] = out.get(kind, 0.0) + value
-        return out
-
-    before, after = per_kind(first), per_kind(last)
-    deltas = {kind: _delta(before.get(kind), value) for kind, value in after.items()}
-    return {kind: value for kind, value in sorted(deltas.items()) if value > 0}
-
-
-def _pg_figures(
-    scrapes: Sequence[list[Sample]], pool: str | None
-) -> tuple[dict[str, float], float | None]:
-    """Max backends per state and max oldest-transaction age (application scope).
-
-    The pg sampler's series may not carry a pool name; then they describe the whole app and
-    are attributed to every pool.
-    """
-    states: dict[str, float] = {}
-    oldest: float | None = None
-    for samples in scrapes:
-        current: dict[str, float] = {}
-        for name, labels, value in samples:
-            if labels.get("sqlalchemy_pool_pg_scope", "application") != "application":
-                continue
-            if _pool_of(labels) not in (None, pool):
-                continue
-            if name == M_PG_BACKENDS:
-                state = labels.get("sqlalchemy_pool_pg_state", "unknown")
-                current[state] = current.get(state, 0.0) + value
-            elif name == M_PG_OLDEST_XACT:
-                oldest = value if oldest is None else max(oldest, value)
-        for state, value in current.items():
-            states[state] = max(states.get(state, 0.0), value)
-    return dict(sorted(states.items())), oldest
-
-
-# --------------------------------------------------------------------------------------------
-# Load generators
-# --------------------------------------------------------------------------------------------
-def _percentiles_ms(latencies_s: list[float]) -> dict[str, float]:
-    if not latencies_s:
-        return {"p50": 0.0, "p95": 0.0, "p99": 0.0, "max": 0.0, "mean": 0.0}
-    ordered = sorted(latencies_s)
-
-    def rank(q: float) -> float:  # nearest-rank percentile, like wrk's
-        return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))] * 1000
-
-    return {
-        "p50": rank(0.50),
-        "p95": rank(0.95),
-        "p99": rank(0.99),
-        "max": ordered[-1] * 1000,
-        "mean": sum(ordered) / len(ordered) * 1000,
-    }
-
-
-def _run_wrk(
-    base: str,
-    paths: list[str],
-    duration_s: float,
-    connections: int,
-    rate: float | None,
-    timeout_s: float,
-    result: LoadResult,
-) -> None:
-    threads = max(1, min(connections, os.cpu_count() or 1))
-    env = dict(os.environ, SQLAPOOL_PATHS="\n".join(paths), SQLAPOOL_DELAY_MS="0")
-    if rate:
-        # Debian's wrk has no constant-rate mode (that is wrk2): pace each connection with a
-        # fixed think time instead, which approximates --rate while the app keeps up.
-        env["SQLAPOOL_DELAY_MS"] = str(max(1, round(connections / rate * 1000)))
-    command = [
-        "wrk",
-        f"-t{threads}",
-        f"-c{connections}",
-        f"-d{max(1, round(duration_s))}s",
-        f"--timeout={max(1, math.ceil(timeout_s))}s",
-        "-s",
-        str(LUA_SCRIPT),
-        base + paths[0],
-    ]
-    started = time.monotonic()
-    try:
-        proc = subprocess.run(
-            command,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=duration_s + timeout_s + 30,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise UserError("wrk did not finish in time") from None
-    match = re.search(r"^SQLAPOOL_RESULT (.*)$", proc.stdout, re.MULTILINE)
-    if proc.returncode != 0 or not match:
-        detail = (proc.stderr or proc.stdout).strip().splitlines()
-        raise UserError(f"wrk failed: {detail[-1] if detail else f'exit {proc.returncode}'}")
-    fields = {k: float(v) for k, v in (kv.split("=", 1) for kv in match.group(1).split())}
-    result.duration_s = fields["duration_us"] / 1e6 or (time.monotonic() - started)
-    result.requests = int(fields["requests"])
-    result.non_2xx = int(fields["non2xx"])
-    result.connect_errors = int(fields["connect"])
-    result.read_errors = int(fields["read"])
-    result.write_errors = int(fields["write"])
-    result.timeouts = int(fields["timeout"])
-    result.latency_ms = {k: fields[k] / 1000.0 for k in ("p50", "p95", "p99", "max", "mean")}
-
-
-async def _builtin_load(
-    base: str,
-    paths: list[str],
-    duration_s: float,
-    connections: int,
-    rate: float | None,
-    timeout_s: float,
-    max_requests: int | None,
-) -> dict[str, Any]:
-    import httpx
-
-    latencies: list[float] = []
-    counts = {"requests": 0, "non_2xx": 0, "connect": 0, "read": 0, "write": 0, "timeout": 0}
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    deadline = started + duration_s
-    issued = 0  # shared request counter: round-robin paths and open-loop pacing
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-
-    async def worker(client: httpx.AsyncClient) -> None:
-        nonlocal issued
-        while loop.time() < deadline and (max_requests is None or issued < max_requests):
-            n = issued
-            issued += 1
-            if rate:
-                # Request n is due at start + n/rate; a worker that is early waits for it.
-                due = started + n / rate
-                if due >= deadline:
-                    return
-                if due > loop.time():
-                    await asyncio.sleep(due - loop.time())
-            t0 = loop.time()
-            try:
-                response = await client.get(paths[n % len(paths)])
-                await response.aread()
-            except httpx.TimeoutException:
-                counts["timeout"] += 1
-            except httpx.ConnectError:
-                counts["connect"] += 1
-                await asyncio.sleep(0.01)  # do not spin on a refused connection
-            except httpx.WriteError:
-                counts["write"] += 1
-            except httpx.TransportError:
-                counts["read"] += 1
-            else:
-                counts["requests"] += 1
-                latencies.append(loop.time() - t0)
-                if not 200 <= response.status_code <= 299:
-                    counts["non_2xx"] += 1
-
-    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=timeout_s) as client:
-        await asyncio.gather(*(worker(client) for _ in range(connections)))
-    counts["elapsed"] = loop.time() - started
-    counts["latency_ms"] = _percentiles_ms(latencies)
-    return counts
-
-
-def _run_builtin(
-    base: str,
-    paths: list[str],
-    duration_s: float,
-    connections: int,
-    rate: float | None,
-    timeout_s: float,
-    max_requests: int | None,
-    result: LoadResult,
-) -> None:
-    counts = asyncio.run(
-        _builtin_load(base, paths, duration_s, connections, rate, timeout_s, max_requests)
-    )
-    result.duration_s = counts["elapsed"]
-    result.requests = counts["requests"]
-    result.non_2xx = counts["non_2xx"]
-    result.connect_errors = counts["connect"]
-    result.read_errors = counts["read"]
-    result.write_errors = counts["write"]
-    result.timeouts = counts["timeout"]
-    result.latency_ms = counts["latency_ms"]
-
-
 def run_load(
     url: str,
     *,
@@ -593,19 +194,19 @@ def run_load(
     rate: float | None = None,
     paths: Sequence[str] | None = None,
     metrics_url: str | None = None,
-    tool: str = "auto",
+    tool: str = "builtin",
     timeout_s: float = 10.0,
     max_requests: int | None = None,
     drain_s: float = 0.0,
-    sample_interval_s: float = 0.5,
+    sample_interval_s: float = 1.0,
     allow_remote: bool = False,
     label: str | None = None,
 ) -> LoadResult:
     """Run one bounded load test and return what the client and the pool saw.
 
-    ``drain_s`` keeps sampling the metrics after the load stops, so work that outlives the
-    responses (background tasks) lands in the same window. ``max_requests`` bounds the
-    built-in generator (wrk is bounded by time only).
+    ``rate`` set: open loop at that many requests/s (latency from each request's due time),
+    else closed loop. ``drain_s`` keeps sampling the metrics after the load stops, so work
+    that outlives the responses (background tasks) lands in the same window.
     """
     if not 0 < duration_s <= MAX_DURATION_S:
         raise UserError(f"--duration must be in (0, {MAX_DURATION_S:g}] seconds")
@@ -615,174 +216,246 @@ def run_load(
         raise UserError("--rate must be positive")
     if timeout_s <= 0:
         raise UserError("--timeout must be positive")
-    if tool not in ("auto", "wrk", "builtin"):
-        raise UserError(f"unknown load tool {tool!r} (auto, wrk or builtin)")
-    check_url(url, allow_remote=allow_remote)
+    if max_requests is not None and max_requests < 1:
+        raise UserError("--max-requests must be at least 1")
+    check_generator(tool)
+    require_loopback(url, allow_remote=allow_remote)
     if metrics_url:
-        check_url(metrics_url, allow_remote=allow_remote, what="metrics")
+        metrics_url = require_loopback(metrics_url, allow_remote=allow_remote, what="metrics")
     base, request_paths = split_target(url, paths)
-    if tool == "auto":
-        tool = "wrk" if shutil.which("wrk") else "builtin"
-    elif tool == "wrk" and not shutil.which("wrk"):
-        raise UserError("wrk is not installed (use --tool builtin or install wrk)")
     _probe(base + request_paths[0])
-
-    result = LoadResult(
-        url=base,
-        paths=request_paths,
-        tool=tool,
-        connections=connections,
-        duration_s=duration_s,
-        rate=rate,
-        label=label,
-        started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        metrics_url=metrics_url,
+    spec = LoadSpec(
+        base, request_paths, duration_s, connections, rate, max_requests, timeout_s, tool
     )
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     sampler = MetricsSampler(metrics_url, sample_interval_s) if metrics_url else None
     if sampler:
         sampler.start()
     try:
-        if tool == "wrk":
-            _run_wrk(base, request_paths, duration_s, connections, rate, timeout_s, result)
-        else:
-            _run_builtin(
-                base,
-                request_paths,
-                duration_s,
-                connections,
-                rate,
-                timeout_s,
-                max_requests,
-                result,
-            )
+        run = generate(spec)
         if sampler and drain_s > 0:
             time.sleep(drain_s)
     finally:
         if sampler:
             sampler.stop()
-    result.rps = result.requests / result.duration_s if result.duration_s > 0 else 0.0
+    result = LoadResult(base, request_paths, run, label, started_at, metrics_url)
     if sampler:
-        result.pools = sampler.windows()
+        try:
+            result.pools = sampler.figures()
+        except UserError:
+            result.pools = {}  # no pool metrics at that endpoint: the report says so
     return result
+
+
+def run_series(
+    targets: Sequence[tuple[str, str | None, str | None]], repeat: int, **kwargs: Any
+) -> list[list[LoadResult]]:
+    """``repeat`` runs of each ``(url, metrics_url, label)``, interleaved (A B A B ...) so a
+    drift of the machine over time hits both sides alike. One list of runs per target."""
+    if not 1 <= repeat <= MAX_REPEAT:
+        raise UserError(f"--repeat must be between 1 and {MAX_REPEAT}")
+    series: list[list[LoadResult]] = [[] for _ in targets]
+    for _ in range(repeat):
+        for i, (url, metrics_url, label) in enumerate(targets):
+            series[i].append(run_load(url, metrics_url=metrics_url, label=label, **kwargs))
+    return series
+
+
+# --------------------------------------------------------------------------------------------
+# Figures of a series: median and spread
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Row:
+    """A figure of the comparison table: how to read it from a run and how to print it."""
+
+    name: str
+    read: Callable[[LoadResult], float | None]
+    show: Callable[[float | None], str]
+    pool: bool = False  # a pool figure (absent without --metrics-url)
+
+
+def _pool(attr: str) -> Callable[[LoadResult], float | None]:
+    def read(result: LoadResult) -> float | None:
+        pool = result.main_pool
+        return None if pool is None else getattr(pool, attr)
+
+    return read
+
+
+ROWS: tuple[Row, ...] = (
+    Row("throughput (req/s)", lambda r: r.rps, lambda v: "-" if v is None else f"{v:,.1f}"),
+    Row("latency p50", lambda r: r.latency_s.get("p50"), fmt.seconds),
+    Row("latency p95", lambda r: r.latency_s.get("p95"), fmt.seconds),
+    Row("latency p99", lambda r: r.latency_s.get("p99"), fmt.seconds),
+    Row("errors", lambda r: float(r.errors), fmt.count),
+    Row("pool timeouts", _pool("timeouts"), fmt.count, pool=True),
+    Row("max checked-out", _pool("used_max"), fmt.count, pool=True),
+    Row("mean checked-out", _pool("used_mean"), fmt.count, pool=True),
+    Row("max pending", _pool("pending_max"), fmt.count, pool=True),
+    Row("wait p99", _pool("wait_p99"), fmt.seconds, pool=True),
+    Row("held-idle share", _pool("held_idle_share"), fmt.share, pool=True),
+)
+
+
+@dataclass
+class Spread:
+    """A figure over the runs of a series."""
+
+    values: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    @property
+    def low(self) -> float:
+        return min(self.values)
+
+    @property
+    def high(self) -> float:
+        return max(self.values)
+
+
+def spread(runs: Sequence[LoadResult], row: Row) -> Spread | None:
+    values = [v for v in (row.read(r) for r in runs) if v is not None]
+    return Spread(values) if values else None
+
+
+def _cell(s: Spread | None, show: Callable[[float | None], str]) -> str:
+    if s is None:
+        return "-"
+    if len(s.values) == 1 or s.low == s.high:
+        return show(s.median)
+    return f"{show(s.median)} ({show(s.low)}-{show(s.high)})"
+
+
+def change(a: Spread | None, b: Spread | None) -> str:
+    """The relative change of the medians, or "no significant change" when the two series'
+    ranges overlap (neither side beats every run of the other). One run per side has no
+    spread to judge by, which the table says."""
+    if a is None or b is None:
+        return ""
+    if a.median == b.median:
+        return "" if len(a.values) == 1 else "no significant change"
+    if len(a.values) > 1 and len(b.values) > 1 and a.low <= b.high and b.low <= a.high:
+        return "no significant change"
+    pct = "new" if a.median == 0 else f"{(b.median - a.median) / abs(a.median) * 100:+.0f}%"
+    return pct
+
+
+def compare(a: Sequence[LoadResult], b: Sequence[LoadResult]) -> str:
+    """A before (``a``) / after (``b``) table of the figures that matter for pool health:
+    the median of each side's runs with its min-max spread, and the change."""
+    head_a = f"before ({a[0].label})" if a[0].label else "before"
+    head_b = f"after ({b[0].label})" if b[0].label else "after"
+    table = [("", head_a, head_b, "change")]
+    for row in ROWS:
+        sa, sb = spread(a, row), spread(b, row)
+        if sa is None and sb is None:
+            continue
+        table.append((row.name, _cell(sa, row.show), _cell(sb, row.show), change(sa, sb)))
+    widths = [max(len(line[i]) for line in table) for i in range(4)]
+    lines = [
+        "  ".join(
+            cell.ljust(widths[i]) if i in (0, 3) else cell.rjust(widths[i])
+            for i, cell in enumerate(line)
+        ).rstrip()
+        for line in table
+    ]
+    if len(a) == 1 or len(b) == 1:
+        lines.append("(one run per side: no spread to judge significance by; use --repeat)")
+    else:
+        lines.append(
+            f"(median (min-max) of {len(a)} vs {len(b)} runs; a change is significant only when "
+            "every run of one side beats every run of the other)"
+        )
+    return "\n".join(lines)
+
+
+def summarize(runs: Sequence[LoadResult]) -> str:
+    """Median and min-max of each figure over a ``--repeat`` series."""
+    table = [("", f"median of {len(runs)} runs", "min-max")]
+    for row in ROWS:
+        s = spread(runs, row)
+        if s is not None:
+            table.append((row.name, row.show(s.median), f"{row.show(s.low)}-{row.show(s.high)}"))
+    widths = [max(len(line[i]) for line in table) for i in range(3)]
+    return "\n".join(
+        "  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(line))
+        for line in table
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Reports
 # --------------------------------------------------------------------------------------------
-def _ms(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value / 1000:.2f} s" if value >= 1000 else f"{value:.1f} ms"
+def latency_line(run: LoadRun) -> str:
+    """``p50 .. p95 .. p99 .. max`` with values at the timeout shown as "at least"."""
+
+    def show(key: str) -> str:
+        value = run.latency_s.get(key)
+        if value is not None and run.timeouts and value >= run.timeout_s * 0.999:
+            return f">={fmt.seconds(run.timeout_s)}"
+        return fmt.seconds(value)
+
+    return "  ".join(f"{k} {show(k)}" for k in ("p50", "p95", "p99", "max"))
 
 
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value * 100:.0f}%"
+def describe_load(run: LoadRun) -> str:
+    """Which generator and loop a result used (every report says it)."""
+    if run.mode == "open":
+        lag = run.send_lag_p99_s
+        note = f"; generator late by {fmt.seconds(lag)} p99" if lag and lag >= 0.005 else ""
+        return f"{run.generator}, open loop at {run.rate:g} req/s (latency from due time{note})"
+    return f"{run.generator}, closed loop, {run.connections} connections"
 
 
-def _num(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
-
-
-def format_pool(w: PoolWindow, indent: str = "  ") -> list[str]:
-    size = f" of {_num(w.size_max)}" if w.size_max is not None else ""
+def format_pool(fig: Figures, indent: str = "  ") -> list[str]:
+    size = f" of {fmt.count(fig.max_connections)}" if fig.max_connections else ""
     lines = [
-        f"{indent}checked out  max {_num(w.max_used)}{size}, mean {w.mean_used:.1f}",
-        f"{indent}pending      max {_num(w.max_pending)}, mean {w.mean_pending:.1f}",
-        f"{indent}wait p99     {_ms(w.wait_p99_ms)}   timeouts +{_num(w.timeouts)}"
-        f"   checkouts +{_num(w.checkouts)}",
-        f"{indent}held idle    {_pct(w.held_idle_share)} of checked-out time",
+        f"{indent}checked out  max {fmt.count(fig.used_max)}{size}, "
+        f"mean {fmt.count(fig.used_mean)}",
+        f"{indent}pending      max {fmt.count(fig.pending_max)}, "
+        f"mean {fmt.count(fig.pending_mean)}",
+        f"{indent}wait p99     {fmt.seconds(fig.wait_p99)}   timeouts +{fmt.count(fig.timeouts)}"
+        f"   checkouts +{fmt.count(fig.checkouts)}",
+        f"{indent}held idle    {fmt.share(fig.held_idle_share)} of checked-out time",
     ]
-    if w.leaks:
-        kinds = ", ".join(f"{kind} +{_num(n)}" for kind, n in w.leaks.items())
+    leaks = {k: n for k, n in (fig.leaks_by_kind or {}).items() if n}
+    if leaks:
+        kinds = ", ".join(f"{kind} +{fmt.count(n)}" for kind, n in sorted(leaks.items()))
         lines.append(f"{indent}leaks        {kinds}")
-    if w.pg_states_max or w.pg_oldest_xact_s is not None:
-        states = ", ".join(f"{s} {_num(n)}" for s, n in w.pg_states_max.items() if n) or "-"
-        oldest = "-" if w.pg_oldest_xact_s is None else f"{w.pg_oldest_xact_s:.1f} s"
-        lines.append(f"{indent}postgres     max backends: {states}; oldest transaction {oldest}")
+    if fig.pg_backends or fig.pg_oldest_transaction_age is not None:
+        states = ", ".join(
+            f"{s} {fmt.count(n)}" for s, n in sorted((fig.pg_backends or {}).items()) if n
+        )
+        lines.append(
+            f"{indent}postgres     mean backends: {states or '-'}; oldest transaction "
+            f"{fmt.seconds(fig.pg_oldest_transaction_age)}"
+        )
     return lines
 
 
+def outlived(fig: Figures) -> float:
+    """Sessions that still held a connection after their response was sent."""
+    return (fig.leaks_by_kind or {}).get(semconv.LEAK_KIND_OUTLIVED_RESPONSE, 0.0)
+
+
 def format_result(r: LoadResult) -> str:
-    rate = f", target {r.rate:g} req/s" if r.rate else ""
-    lat = r.latency_ms
+    run = r.run
     lines = [
-        f"{r.tool} -> {r.url}  paths {', '.join(r.paths)}",
-        f"  {r.connections} connections, {r.duration_s:.1f} s{rate}",
-        f"requests     {r.requests:,} ({r.rps:.1f} req/s)",
-        f"latency      p50 {_ms(lat.get('p50'))}  p95 {_ms(lat.get('p95'))}  "
-        f"p99 {_ms(lat.get('p99'))}  max {_ms(lat.get('max'))}",
-        f"errors       {r.errors:,}: non-2xx {r.non_2xx:,}, timeouts {r.timeouts:,}, socket "
-        f"connect {r.connect_errors:,} / read {r.read_errors:,} / write {r.write_errors:,}",
+        f"{r.url}  paths {', '.join(r.paths)}  ({describe_load(run)})",
+        f"requests     {run.requests:,} in {run.duration_s:.1f} s = {run.rps:.1f} req/s",
+        f"latency      {latency_line(run)}",
+        f"errors       {run.errors:,}: non-2xx {run.non_2xx:,}, timeouts {run.timeouts:,}, "
+        f"connect {run.connect_errors:,}, socket {run.socket_errors:,}",
     ]
-    for window in r.pools.values():
-        lines.append(f'pool "{window.pool}" over the same window ({window.samples} samples)')
-        lines.extend(format_pool(window))
+    for fig in r.pools.values():
+        lines.append(f'pool "{fig.pool}" over the same window ({fmt.seconds(fig.window_s)})')
+        lines.extend(format_pool(fig))
     if r.metrics_url and not r.pools:
         lines.append(f"pool         no pool metrics found at {r.metrics_url}")
     return "\n".join(lines)
-
-
-def _change(before: float | None, after: float | None) -> str:
-    if before is None or after is None:
-        return ""
-    if before == 0:
-        return "" if after == 0 else "new"
-    return f"{(after - before) / before * 100:+.0f}%"
-
-
-def compare(a: LoadResult, b: LoadResult) -> str:
-    """A before (``a``) / after (``b``) table of the figures that matter for pool health."""
-    pa, pb = a.main_pool, b.main_pool
-
-    def pool_value(p: PoolWindow | None, attr: str) -> float | None:
-        return None if p is None else getattr(p, attr)
-
-    rows: list[tuple[str, float | None, float | None, str]] = [
-        ("throughput (req/s)", a.rps, b.rps, "num1"),
-        ("latency p50", a.latency_ms.get("p50"), b.latency_ms.get("p50"), "ms"),
-        ("latency p95", a.latency_ms.get("p95"), b.latency_ms.get("p95"), "ms"),
-        ("latency p99", a.latency_ms.get("p99"), b.latency_ms.get("p99"), "ms"),
-        ("errors", a.errors, b.errors, "num"),
-        ("pool timeouts", pool_value(pa, "timeouts"), pool_value(pb, "timeouts"), "num"),
-        ("max checked-out", pool_value(pa, "max_used"), pool_value(pb, "max_used"), "num"),
-        ("mean checked-out", pool_value(pa, "mean_used"), pool_value(pb, "mean_used"), "num1"),
-        ("max pending", pool_value(pa, "max_pending"), pool_value(pb, "max_pending"), "num"),
-        ("wait p99", pool_value(pa, "wait_p99_ms"), pool_value(pb, "wait_p99_ms"), "ms"),
-        (
-            "held-idle share",
-            pool_value(pa, "held_idle_share"),
-            pool_value(pb, "held_idle_share"),
-            "pct",
-        ),
-    ]
-
-    def fmt(value: float | None, kind: str) -> str:
-        if value is None:
-            return "-"
-        if kind == "ms":
-            return _ms(value)
-        if kind == "pct":
-            return _pct(value)
-        if kind == "num1":
-            return f"{value:,.1f}"
-        return f"{value:,.0f}"
-
-    head_a = f"before ({a.label})" if a.label else "before"
-    head_b = f"after ({b.label})" if b.label else "after"
-    table = [("", head_a, head_b, "change")]
-    for name, va, vb, kind in rows:
-        if va is None and vb is None:
-            continue
-        table.append((name, fmt(va, kind), fmt(vb, kind), _change(va, vb)))
-    widths = [max(len(row[i]) for row in table) for i in range(4)]
-    return "\n".join(
-        "  ".join(
-            cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row)
-        ).rstrip()
-        for row in table
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -792,15 +465,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "loadtest",
         help="bounded HTTP load test with pool figures over the same window",
-        description="Bounded HTTP load against a local app (wrk when installed, else a "
-        "built-in generator), with pool figures sampled from the app's /metrics endpoint "
-        "over the same window. Only loopback targets unless --allow-remote.",
+        description="Bounded HTTP load against a local app from a calibrated generator "
+        "(closed loop, or open loop with --rate), with pool figures sampled from the app's "
+        "/metrics endpoint over the same window. Only loopback targets unless --allow-remote.",
     )
-    parser.add_argument("url", help="target URL, e.g. http://127.0.0.1:8000/orders")
+    parser.add_argument("url", nargs="?", help="target URL, e.g. http://127.0.0.1:8000/orders")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds (default 10)")
-    parser.add_argument("--connections", type=int, default=20, help="concurrent connections")
     parser.add_argument(
-        "--rate", type=float, default=None, help="target requests/s (approximate with wrk)"
+        "--connections",
+        type=int,
+        default=20,
+        help="concurrent connections (open loop: the most in flight)",
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="open loop: requests/s on a fixed schedule, latency from each due time",
     )
     parser.add_argument(
         "--path",
@@ -811,50 +492,96 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--metrics-url", help="the app's Prometheus endpoint to sample")
     parser.add_argument("--timeout", type=float, default=10.0, help="per-request timeout (s)")
-    parser.add_argument(
-        "--max-requests", type=int, default=None, help="stop after N requests (built-in only)"
-    )
+    parser.add_argument("--max-requests", type=int, default=None, help="stop after N requests")
     parser.add_argument("--drain", type=float, default=0.0, help="keep sampling N s after load")
-    parser.add_argument("--tool", choices=("auto", "wrk", "builtin"), default="auto")
-    parser.add_argument("--label", help="name of this run in --compare tables")
-    parser.add_argument("--save", metavar="FILE", help="write the result as JSON")
+    parser.add_argument(
+        "--tool",
+        choices=("builtin", "hey", "wrk"),
+        default="builtin",
+        help="load generator (wrk is refused: it fails the calibration)",
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="run N times; median and spread")
+    parser.add_argument("--versus", metavar="URL", help="compare with this URL, interleaved")
+    parser.add_argument("--versus-metrics-url", metavar="URL", help="metrics of --versus")
+    parser.add_argument("--label", help="name of this run in comparison tables")
+    parser.add_argument("--save", metavar="FILE", help="write the run(s) as JSON")
     parser.add_argument("--compare", metavar="BEFORE.json", help="compare with a saved run")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument(
         "--allow-remote", action="store_true", help="allow a non-loopback target (yours!)"
     )
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="check every generator against servers with known latency mixes, then exit",
+    )
     parser.set_defaults(func=run)
 
 
+def _calibrate(as_json: bool) -> int:
+    from sqlalchemy_pool_tools.calibration import calibrate_all, format_calibrations
+
+    results = calibrate_all()
+    if as_json:
+        rows = [
+            {"generator": c.generator, "mode": c.mode, "mix": c.mix, "ok": c.ok,
+             "problems": c.problems, "truth_s": c.truth_s, "run": c.run.to_dict()}
+            for c in results
+        ]  # fmt: skip
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_calibrations(results))
+    return 0 if all(c.ok for c in results) else 1
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.calibrate:
+        return _calibrate(args.json)
+    if not args.url:
+        raise UserError("give a target URL (or --calibrate)")
+    if args.compare and args.versus:
+        raise UserError("--compare and --versus are two kinds of comparison: pick one")
     # Read the baseline first: a typo in --compare should not cost a whole load run.
     before = load(args.compare) if args.compare else None
-    if args.max_requests is not None and args.max_requests < 1:
-        raise UserError("--max-requests must be at least 1")
-    result = run_load(
-        args.url,
+    targets = [(args.url, args.metrics_url, args.label)]
+    if args.versus:
+        targets.append((args.versus, args.versus_metrics_url, "versus"))
+    series = run_series(
+        targets,
+        args.repeat,
         duration_s=args.duration,
         connections=args.connections,
         rate=args.rate,
         paths=args.paths,
-        metrics_url=args.metrics_url,
         tool=args.tool,
         timeout_s=args.timeout,
         max_requests=args.max_requests,
         drain_s=max(0.0, args.drain),
         allow_remote=args.allow_remote,
-        label=args.label,
     )
+    runs = series[0]
     if args.save:
-        save(result, args.save)
+        save(runs, args.save)
+    baseline, current = (before, runs) if before else (runs, series[-1])
+    comparing = before is not None or args.versus
     if args.json:
-        out: dict[str, Any] = {"result": result.to_dict()}
+        out: dict[str, Any] = {"runs": [r.to_dict() for r in runs]}
+        if args.versus:
+            out["versus"] = [r.to_dict() for r in series[1]]
         if before is not None:
-            out["before"] = before.to_dict()
+            out["before"] = [r.to_dict() for r in before]
+        if comparing:
+            out["comparison"] = compare(baseline, current)
         print(json.dumps(out, indent=2))
-    else:
-        print(format_result(result))
-        if before is not None:
+        return 0
+    for i, result in enumerate(runs if not args.versus else [r for s in series for r in s]):
+        if i:
             print()
-            print(compare(before, result))
+        print(format_result(result))
+    if comparing:
+        print()
+        print(compare(baseline, current))
+    elif len(runs) > 1:
+        print()
+        print(summarize(runs))
     return 0

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import shutil
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -13,23 +12,20 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from sqlalchemy_pool_tools import cli
+from sqlalchemy_pool_tools.doctor.figures import Figures
 from sqlalchemy_pool_tools.errors import UserError
+from sqlalchemy_pool_tools.loadgen import LoadRun, LoadSpec, generate
 from sqlalchemy_pool_tools.loadtest import (
     LoadResult,
-    PoolWindow,
-    _builtin_load,
-    check_url,
     compare,
-    histogram_quantile,
     load,
-    parse_metrics,
-    pool_windows,
+    require_loopback,
     run_load,
     save,
     split_target,
+    summarize,
 )
 
-HAS_WRK = shutil.which("wrk") is not None
 POOL = 'db_client_connection_pool_name="demo"'
 
 
@@ -40,6 +36,7 @@ class FakeApp:
     def __init__(self) -> None:
         self.scrapes = 0
         self.lock = threading.Lock()
+        self.hits: list[str] = []  # /ok and /slow requests in arrival order
 
     def metrics(self) -> str:
         with self.lock:
@@ -99,6 +96,8 @@ def fake_app() -> Iterator[tuple[str, FakeApp]]:
 
         def do_GET(self) -> None:
             status, body = 200, b'{"ok": true}'
+            if self.path in ("/ok", "/slow"):
+                state.hits.append(self.path)
             if self.path.startswith("/fail"):
                 status, body = 500, b"boom"
             elif self.path.startswith("/slow"):
@@ -125,33 +124,6 @@ def fake_app() -> Iterator[tuple[str, FakeApp]]:
 
 
 # --- pure functions --------------------------------------------------------------------------
-def test_histogram_quantile_interpolates_like_prometheus() -> None:
-    buckets = {0.1: 50.0, 0.2: 100.0, float("inf"): 100.0}
-    assert histogram_quantile(0.5, buckets) == pytest.approx(0.1)
-    assert histogram_quantile(0.75, buckets) == pytest.approx(0.15)
-    assert histogram_quantile(0.99, {0.1: 0.0, float("inf"): 10.0}) == pytest.approx(0.1)
-    assert histogram_quantile(0.99, {0.1: 0.0, float("inf"): 0.0}) is None
-
-
-def test_pool_windows_from_scrapes() -> None:
-    app = FakeApp()
-    scrapes = [parse_metrics(app.metrics()) for _ in range(5)]  # n = 0..4
-    window = pool_windows(scrapes)["demo"]
-    assert window.samples == 5
-    assert window.size_max == 10
-    assert window.max_used == 10
-    assert window.mean_used == pytest.approx((2 + 7 + 10 + 4 + 2) / 5)
-    assert window.max_pending == 3
-    assert window.timeouts == 4
-    assert window.checkouts == 400
-    # 2% of checkouts took 0.5-1 s: p99 interpolates to the middle of that bucket.
-    assert window.wait_p99_ms == pytest.approx(750.0)
-    assert window.held_idle_share == pytest.approx(0.75)
-    assert window.leaks == {"outlived_response": 20.0}
-    assert window.pg_states_max == {"idle in transaction": 5.0}  # server scope is ignored
-    assert window.pg_oldest_xact_s == pytest.approx(2.5)
-
-
 def test_split_target() -> None:
     assert split_target("http://127.0.0.1:8000/orders?x=1", None) == (
         "http://127.0.0.1:8000",
@@ -168,28 +140,53 @@ def test_split_target() -> None:
 )
 def test_refuses_non_loopback_targets(url: str) -> None:
     with pytest.raises(UserError, match="--allow-remote"):
-        check_url(url)
-    check_url(url, allow_remote=True)  # explicit opt-in
+        require_loopback(url)
+    require_loopback(url, allow_remote=True)  # explicit opt-in
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:1/", "http://localhost/", "http://[::1]:80/"])
 def test_accepts_loopback_targets(url: str) -> None:
-    check_url(url)
+    require_loopback(url)
 
 
 def test_run_load_refuses_remote_before_sending_anything() -> None:
     with pytest.raises(UserError, match="not a loopback"):
-        run_load("http://203.0.113.9/", duration_s=1, tool="builtin")
+        run_load("http://203.0.113.9/", duration_s=1)
 
 
-def test_compare_without_pool_figures() -> None:
-    a = LoadResult(url="u", paths=["/"], tool="wrk", connections=1, duration_s=1, rps=10.0)
-    b = LoadResult(url="u", paths=["/"], tool="wrk", connections=1, duration_s=1, rps=20.0)
-    a.latency_ms = {"p50": 10.0, "p95": 20.0, "p99": 30.0}
-    b.latency_ms = {"p50": 5.0, "p95": 10.0, "p99": 15.0}
-    table = compare(a, b)
+def test_wrk_is_refused_because_it_fails_calibration(fake_app: tuple[str, FakeApp]) -> None:
+    base, _ = fake_app
+    with pytest.raises(UserError, match="calibration"):
+        run_load(base + "/ok", duration_s=1, tool="wrk")
+
+
+def _result(label: str, rps: float, p99: float, wait_p99: float | None = None) -> LoadResult:
+    run = LoadRun("builtin", "closed", 4, None, 10.0, duration_s=1.0, requests=round(rps))
+    run.latency_s = {"p50": p99 / 2, "p95": p99 * 0.9, "p99": p99}
+    pools = {} if wait_p99 is None else {"p": Figures(pool="p", wait_p99=wait_p99, used_max=3)}
+    return LoadResult("http://127.0.0.1", ["/"], run, label=label, pools=pools)
+
+
+def test_compare_single_runs_says_spread_is_unknown() -> None:
+    table = compare([_result("a", 10, 0.030)], [_result("b", 20, 0.015)])
     assert "+100%" in table and "-50%" in table
+    assert "no spread" in table
     assert "max checked-out" not in table  # no pool figures on either side: no empty rows
+
+
+def test_compare_reports_significance_from_the_spread() -> None:
+    before = [_result("a", rps, 0.030, 0.5) for rps in (100, 120, 110)]
+    overlapping = [_result("b", rps, 0.010, 0.1) for rps in (105, 125, 115)]
+    table = compare(before, overlapping)
+    rows = {line.split("  ")[0]: line for line in table.splitlines()}
+    assert "no significant change" in rows["throughput (req/s)"]
+    assert "110.0 (100.0-120.0)" in rows["throughput (req/s)"]
+    # Every after-run beats every before-run: a real change, with its size.
+    assert "-67%" in rows["latency p99"]
+    assert "-80%" in rows["wait p99"]
+    assert "median (min-max) of 3 vs 3 runs" in table
+    summary = summarize(before)
+    assert "median of 3 runs" in summary and "100.0-120.0" in summary
 
 
 def test_load_rejects_files_that_are_not_results(tmp_path) -> None:
@@ -197,91 +194,79 @@ def test_load_rejects_files_that_are_not_results(tmp_path) -> None:
     bad.write_text('{"hello": 1}')
     with pytest.raises(UserError, match="not a saved loadtest result"):
         load(bad)
+    bad.write_text('{"version": 1, "runs": []}')
+    with pytest.raises(UserError, match="another version"):
+        load(bad)
     bad.write_text("not json")
     with pytest.raises(UserError):
         load(bad)
 
 
 # --- real load, bounded ----------------------------------------------------------------------
-def test_builtin_generator(fake_app: tuple[str, FakeApp]) -> None:
+def test_builtin_generator_with_pool_figures(fake_app: tuple[str, FakeApp]) -> None:
     base, _ = fake_app
     result = run_load(
         base + "/ok",
         duration_s=1.5,
         connections=4,
-        tool="builtin",
         metrics_url=base + "/metrics",
         sample_interval_s=0.2,
     )
-    assert result.tool == "builtin"
-    assert result.requests > 20
-    assert result.errors == 0
-    assert result.rps == pytest.approx(result.requests / result.duration_s)
-    assert 0 < result.latency_ms["p50"] <= result.latency_ms["p95"] <= result.latency_ms["p99"]
-    window = result.pools["demo"]
-    assert window.samples >= 5
-    assert window.max_used == 10
-    assert window.timeouts > 0
-    assert window.wait_p99_ms == pytest.approx(750.0)
-    assert window.leaks["outlived_response"] > 0
+    run = result.run
+    assert (run.generator, run.mode) == ("builtin", "closed")
+    assert run.requests > 20
+    assert run.errors == 0
+    assert run.rps == pytest.approx(run.requests / run.duration_s)
+    assert 0 < run.latency_s["p50"] <= run.latency_s["p95"] <= run.latency_s["p99"]
+    # The pool figures are the doctor's, over the load window.
+    fig = result.pools["demo"]
+    assert fig.source == "metrics-endpoint"
+    assert fig.used_max == 10
+    assert fig.max_connections == 10
+    assert fig.timeouts and fig.timeouts > 0
+    assert fig.wait_p99 == pytest.approx(0.75)  # 2% of checkouts in the 0.5-1 s bucket
+    assert fig.leaks_by_kind["outlived_response"] > 0
+    # Application scope wins over the server-wide series.
+    assert set(fig.pg_backends) == {"idle in transaction"}
+    assert fig.pg_backends["idle in transaction"] > 0
 
 
 def test_builtin_counts_non_2xx_and_respects_bounds(fake_app: tuple[str, FakeApp]) -> None:
     base, _ = fake_app
-    result = run_load(
-        base,
-        paths=["/ok", "/fail"],
-        duration_s=5,
-        connections=2,
-        tool="builtin",
-        max_requests=40,
-    )
-    assert result.requests == 40
-    assert result.non_2xx == 20
+    result = run_load(base, paths=["/ok", "/fail"], duration_s=5, connections=2, max_requests=40)
+    assert result.run.requests == 40
+    assert result.run.non_2xx == 20
     assert result.errors == 20
-    assert result.duration_s < 5
+    assert result.run.duration_s < 5
 
 
-def test_builtin_rate(fake_app: tuple[str, FakeApp]) -> None:
+def test_builtin_open_loop_keeps_its_schedule(fake_app: tuple[str, FakeApp]) -> None:
     base, _ = fake_app
-    result = run_load(base + "/ok", duration_s=1.0, connections=4, rate=20, tool="builtin")
-    assert 15 <= result.requests <= 21
+    result = run_load(base + "/ok", duration_s=1.0, connections=4, rate=20)
+    assert result.run.mode == "open"
+    assert result.run.requests == 20  # due at 0, 50, ..., 950 ms
 
 
-def test_builtin_connection_refused_counts_socket_errors() -> None:
+def test_builtin_connection_refused_counts_connect_errors() -> None:
     # run_load refuses an unreachable target up front; the generator itself must still count
     # refused connections (an app that dies mid-run) instead of crashing.
-    counts = asyncio.run(_builtin_load("http://127.0.0.1:9", ["/"], 0.3, 2, None, 1.0, None))
-    assert counts["requests"] == 0
-    assert counts["connect"] > 0
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    run = generate(LoadSpec(f"http://127.0.0.1:{port}", ["/"], 0.3, 2, timeout_s=1.0))
+    assert run.requests == 0
+    assert run.connect_errors > 0
+    assert run.errors == run.connect_errors
 
 
-@pytest.mark.skipif(not HAS_WRK, reason="wrk is not installed")
-def test_wrk_generator(fake_app: tuple[str, FakeApp]) -> None:
+def test_hey_generator(fake_app: tuple[str, FakeApp]) -> None:
     base, _ = fake_app
-    result = run_load(
-        base,
-        paths=["/ok", "/fail", "/slow"],
-        duration_s=2,
-        connections=4,
-        tool="wrk",
-        metrics_url=base + "/metrics",
-        sample_interval_s=0.2,
-    )
-    assert result.tool == "wrk"
-    assert result.requests > 10
-    # Round-robin over three paths: about a third fail with 500.
-    assert result.non_2xx == pytest.approx(result.requests / 3, rel=0.3)
-    assert result.connect_errors == result.read_errors == result.timeouts == 0
-    assert result.latency_ms["p99"] >= 50.0  # /slow takes 50 ms
-    assert result.pools["demo"].max_used == 10
-
-
-@pytest.mark.skipif(not HAS_WRK, reason="wrk is not installed")
-def test_wrk_rate(fake_app: tuple[str, FakeApp]) -> None:
-    base, _ = fake_app
-    result = run_load(base + "/ok", duration_s=2, connections=4, rate=20, tool="wrk")
-    assert 10 <= result.requests <= 60  # paced: far below what the app could serve
+    result = run_load(base + "/fail", duration_s=1, connections=2, tool="hey")
+    assert result.run.generator == "hey"
+    assert result.run.requests > 10
+    assert result.run.non_2xx == result.run.requests
+    with pytest.raises(UserError, match="open-loop"):
+        run_load(base + "/ok", duration_s=1, rate=10, tool="hey")
 
 
 def test_save_and_compare_round_trip(
@@ -289,14 +274,15 @@ def test_save_and_compare_round_trip(
 ) -> None:
     base, _ = fake_app
     before, after = tmp_path / "before.json", tmp_path / "after.json"
-    common = ["--duration", "1", "--connections", "2", "--tool", "builtin"]
+    common = ["--duration", "1", "--connections", "2"]
     metrics = ["--metrics-url", base + "/metrics"]
     assert cli.main(["loadtest", base + "/slow", *common, "--save", str(before), *metrics]) == 0
-    capsys.readouterr()
+    out = capsys.readouterr().out
+    assert "builtin, closed loop, 2 connections" in out
     saved = load(before)
-    assert saved.requests > 0
-    assert isinstance(saved.pools["demo"], PoolWindow)
-    assert json.loads(before.read_text())["version"] == 1
+    assert saved[0].run.requests > 0
+    assert isinstance(saved[0].pools["demo"], Figures)
+    assert json.loads(before.read_text())["version"] == 2
 
     argv = ["loadtest", base + "/ok", *common, "--save", str(after), "--compare", str(before)]
     assert cli.main([*argv, *metrics, "--label", "fast"]) == 0
@@ -307,10 +293,30 @@ def test_save_and_compare_round_trip(
     # The JSON form carries both runs.
     assert cli.main(["loadtest", base + "/ok", *common, "--json", "--compare", str(after)]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["before"]["label"] == "fast"
-    assert data["result"]["requests"] > 0
+    assert data["before"][0]["label"] == "fast"
+    assert data["runs"][0]["run"]["requests"] > 0
 
     # Round trip: what was saved is what is loaded.
-    result = load(after)
-    save(result, tmp_path / "again.json")
-    assert load(tmp_path / "again.json") == result
+    results = load(after)
+    save(results, tmp_path / "again.json")
+    assert load(tmp_path / "again.json") == results
+
+
+def test_repeat_versus_interleaves_and_judges_significance(
+    fake_app: tuple[str, FakeApp], capsys: pytest.CaptureFixture[str]
+) -> None:
+    base, app = fake_app
+    app.hits.clear()
+    argv = ["loadtest", base + "/ok", "--versus", base + "/slow", "--repeat", "2"]
+    assert cli.main([*argv, "--duration", "0.5", "--connections", "2", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    ok_runs, slow_runs = data["runs"], data["versus"]
+    assert len(ok_runs) == len(slow_runs) == 2
+    # Interleaved: A B A B (the app saw blocks of /ok and /slow requests in that order).
+    blocks = [path for i, path in enumerate(app.hits) if i == 0 or app.hits[i - 1] != path]
+    assert blocks == ["/ok", "/slow", "/ok", "/slow"]
+    rows = {line.split("  ")[0]: line for line in data["comparison"].splitlines()}
+    # /slow answers in 50 ms, /ok in about a millisecond: every run of one side beats the other.
+    assert "no significant change" not in rows["latency p50"]
+    assert "+" in rows["latency p50"]
+    assert "median (min-max) of 2 vs 2 runs" in data["comparison"]

@@ -25,7 +25,6 @@ or the ``sqlalchemy-pool demo --serve`` command.
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -43,8 +42,6 @@ from sqlalchemy.ext.asyncio import create_async_engine as sa_create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from sqlalchemy_pool_tools.demo import HOLDERS_PATH
-
-_logger = logging.getLogger(__name__)
 
 Build = Literal["fixed", "leaky"]
 BUILDS: tuple[Build, ...] = ("fixed", "leaky")
@@ -303,6 +300,8 @@ def instrument(app: FastAPI, engine: AsyncEngine, settings: Settings) -> Telemet
     from opentelemetry.sdk.trace import TracerProvider
     from prometheus_client import CollectorRegistry
 
+    from opentelemetry.instrumentation.sqlalchemy_pool import SQLAlchemyPoolInstrumentor
+
     resource = Resource.create({"service.name": f"sqlalchemy-pool-demo-{settings.build}"})
     registry = CollectorRegistry()
     meter_provider = MeterProvider(
@@ -316,23 +315,18 @@ def instrument(app: FastAPI, engine: AsyncEngine, settings: Settings) -> Telemet
         excluded_urls="metrics,healthz,_debug",
     )
     telemetry = Telemetry(registry, tracer_provider, meter_provider, [])
-    try:
-        from opentelemetry.instrumentation.sqlalchemy_pool import SQLAlchemyPoolInstrumentor
-    except ImportError as exc:  # the instrumentor is the point of the demo, but stay up
-        _logger.warning("SQLAlchemy pool instrumentation unavailable: %s", exc)
-    else:
-        pool_instrumentor = SQLAlchemyPoolInstrumentor()
-        pool_instrumentor.instrument(
-            engine=engine,
-            tracer_provider=tracer_provider,
-            meter_provider=meter_provider,
-            pool_name=settings.pool_name,
-            leak_threshold_s=settings.leak_threshold_s,
-            pg_activity=True,
-            pg_activity_interval_s=settings.pg_activity_interval_s,
-            set_application_name=True,
-        )
-        telemetry.uninstrument.append(pool_instrumentor)
+    pool_instrumentor = SQLAlchemyPoolInstrumentor()
+    pool_instrumentor.instrument(
+        engine=engine,
+        tracer_provider=tracer_provider,
+        meter_provider=meter_provider,
+        pool_name=settings.pool_name,
+        leak_threshold_s=settings.leak_threshold_s,
+        pg_activity=True,
+        pg_activity_interval_s=settings.pg_activity_interval_s,
+        set_application_name=True,
+    )
+    telemetry.uninstrument.append(pool_instrumentor)
     if settings.sqlalchemy_spans:
         # Query spans from the official instrumentor; its dependency check predates
         # SQLAlchemy 2.1, which it handles fine.

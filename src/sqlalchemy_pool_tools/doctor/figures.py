@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -30,46 +31,59 @@ from urllib.parse import urlsplit
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from opentelemetry.instrumentation.sqlalchemy_pool import semconv
 from sqlalchemy_pool_tools.doctor import _format as fmt
 from sqlalchemy_pool_tools.errors import UserError
 
-# --- Prometheus names (docs/CONTRACT.md) -----------------------------------------------------
-POOL_LABEL = "db_client_connection_pool_name"
-STATE_LABEL = "db_client_connection_state"
-CLOSE_REASON_LABEL = "sqlalchemy_pool_close_reason"
-LEAK_KIND_LABEL = "sqlalchemy_pool_leak_kind"
-PG_STATE_LABEL = "sqlalchemy_pool_pg_state"
-PG_SCOPE_LABEL = "sqlalchemy_pool_pg_scope"
-ROUTE_LABEL = "http_route"
-METHOD_LABEL = "http_request_method"
-CODE_FUNCTION_LABEL = "code_function_name"
-CODE_FILE_LABEL = "code_file_path"
-CODE_LINE_LABEL = "code_line_number"
+# --- Prometheus names, derived from the instrumentor's semconv (docs/CONTRACT.md) ------------
+# The exporters turn an OTel name into a Prometheus one by replacing dots with underscores,
+# appending the unit (`s` -> `_seconds`) and `_total` for counters; attributes become labels
+# the same way.
+
+
+def prometheus_name(otel_name: str, suffix: str = "") -> str:
+    """The Prometheus name of an OTel metric or attribute: ``db.client.x`` -> ``db_client_x``."""
+    return otel_name.replace(".", "_") + suffix
+
+
+_SECONDS = "_seconds"
+_TOTAL = "_total"
+POOL_LABEL = prometheus_name(semconv.POOL_NAME)
+STATE_LABEL = prometheus_name(semconv.CONNECTION_STATE)
+CLOSE_REASON_LABEL = prometheus_name(semconv.CLOSE_REASON)
+LEAK_KIND_LABEL = prometheus_name(semconv.LEAK_KIND)
+PG_STATE_LABEL = prometheus_name(semconv.PG_STATE)
+PG_SCOPE_LABEL = prometheus_name(semconv.PG_SCOPE)
+ROUTE_LABEL = prometheus_name(semconv.HTTP_ROUTE)
+METHOD_LABEL = "http_request_method"  # OTel HTTP semconv (FastAPI instrumentation)
+CODE_FUNCTION_LABEL = prometheus_name(semconv.CODE_FUNCTION)
+CODE_FILE_LABEL = prometheus_name(semconv.CODE_FILE)
+CODE_LINE_LABEL = prometheus_name(semconv.CODE_LINE)
 # Not a real label: the metrics-endpoint reader tags each sample with the URL it came from so
 # several scraped processes stay apart, as ``job``/``instance`` do in Prometheus.
 ENDPOINT_LABEL = "__endpoint__"
 
-CONNECTION_COUNT = "db_client_connection_count"
-CONNECTION_MAX = "db_client_connection_max"
-CONNECTION_IDLE_MAX = "db_client_connection_idle_max"
-PENDING_REQUESTS = "db_client_connection_pending_requests"
-TIMEOUTS = "db_client_connection_timeouts_total"
-WAIT_TIME = "db_client_connection_wait_time_seconds"
-CREATE_TIME = "db_client_connection_create_time_seconds"
-USE_TIME = "db_client_connection_use_time_seconds"
-HELD_IDLE_TIME = "sqlalchemy_pool_connection_held_idle_time_seconds"
-CLOSES = "sqlalchemy_pool_connection_closes_total"
-LEAKS = "sqlalchemy_pool_leaks_total"
-CONFIG_TIMEOUT = "sqlalchemy_pool_config_timeout_seconds"
-CONFIG_RECYCLE = "sqlalchemy_pool_config_recycle_seconds"
-CONFIG_PRE_PING = "sqlalchemy_pool_config_pre_ping"
-EXPIRE_ON_COMMIT = "sqlalchemy_session_expire_on_commit"
-PG_BACKENDS = "sqlalchemy_pool_pg_backends"
-PG_OLDEST_XACT_AGE = "sqlalchemy_pool_pg_oldest_transaction_age_seconds"
-PG_OLDEST_QUERY_AGE = "sqlalchemy_pool_pg_oldest_query_age_seconds"
-PG_MAX_CONNECTIONS = "sqlalchemy_pool_pg_max_connections"
-PG_RESERVED_CONNECTIONS = "sqlalchemy_pool_pg_reserved_connections"
-HTTP_SERVER_DURATION = "http_server_request_duration_seconds"
+CONNECTION_COUNT = prometheus_name(semconv.CONNECTION_COUNT)
+CONNECTION_MAX = prometheus_name(semconv.CONNECTION_MAX)
+CONNECTION_IDLE_MAX = prometheus_name(semconv.CONNECTION_IDLE_MAX)
+PENDING_REQUESTS = prometheus_name(semconv.CONNECTION_PENDING_REQUESTS)
+TIMEOUTS = prometheus_name(semconv.CONNECTION_TIMEOUTS, _TOTAL)
+WAIT_TIME = prometheus_name(semconv.CONNECTION_WAIT_TIME, _SECONDS)
+CREATE_TIME = prometheus_name(semconv.CONNECTION_CREATE_TIME, _SECONDS)
+USE_TIME = prometheus_name(semconv.CONNECTION_USE_TIME, _SECONDS)
+HELD_IDLE_TIME = prometheus_name(semconv.CONNECTION_HELD_IDLE_TIME, _SECONDS)
+CLOSES = prometheus_name(semconv.CONNECTION_CLOSES, _TOTAL)
+LEAKS = prometheus_name(semconv.LEAKS, _TOTAL)
+CONFIG_TIMEOUT = prometheus_name(semconv.CONFIG_TIMEOUT, _SECONDS)
+CONFIG_RECYCLE = prometheus_name(semconv.CONFIG_RECYCLE, _SECONDS)
+CONFIG_PRE_PING = prometheus_name(semconv.CONFIG_PRE_PING)
+EXPIRE_ON_COMMIT = prometheus_name(semconv.SESSIONS_EXPIRE_ON_COMMIT)
+PG_BACKENDS = prometheus_name(semconv.PG_BACKENDS)
+PG_OLDEST_XACT_AGE = prometheus_name(semconv.PG_OLDEST_XACT_AGE, _SECONDS)
+PG_OLDEST_QUERY_AGE = prometheus_name(semconv.PG_OLDEST_QUERY_AGE, _SECONDS)
+PG_MAX_CONNECTIONS = prometheus_name(semconv.PG_MAX_CONNECTIONS)
+PG_RESERVED_CONNECTIONS = prometheus_name(semconv.PG_RESERVED_CONNECTIONS)
+HTTP_SERVER_DURATION = "http_server_request_duration_seconds"  # OTel HTTP semconv
 
 # How many code sites / routes to name as culprits: enough to act on, short enough to read.
 TOP_N = 5
@@ -429,6 +443,8 @@ def _pool_figures(
         fig.checkouts = _total(view("use_count"))
     fig.checkout_rate = _ratio(fig.checkouts, window_s)
     fig.timeouts = _total(view("timeouts"))
+    if fig.timeouts is None and fig.checkouts is not None:
+        fig.timeouts = 0.0  # the OTel counter is born with its first timeout
     wait = _buckets(view("wait_bucket"))
     fig.wait_p50 = histogram_quantile(0.50, wait)
     fig.wait_p95 = histogram_quantile(0.95, wait)
@@ -730,6 +746,83 @@ def _scrape(client: httpx.Client, url: str) -> Snapshot:
     return parse_exposition(resp.text, endpoint=url)
 
 
+class MetricsSampler:
+    """Scrapes one or more Prometheus text endpoints into a window of snapshots.
+
+    The doctor drives it on a fixed schedule (:func:`from_metrics_endpoint`); the load test
+    and the demo run it on a background thread for as long as the load lasts
+    (:meth:`start` / :meth:`stop`). Either way :meth:`figures` evaluates the same SPECS as
+    the Prometheus reader, so one figure means one thing in every tool. Every scrape costs
+    the app CPU: one sampler per window, once per interval.
+    """
+
+    def __init__(
+        self, url: str | Sequence[str], interval_s: float = 1.0, *, timeout_s: float = 5.0
+    ) -> None:
+        urls = [url] if isinstance(url, str) else list(url)
+        if not urls:
+            raise UserError("no metrics endpoint URL given")
+        if not interval_s > 0:
+            raise UserError("the scrape interval must be positive")
+        self.urls = [check_url(u, "metrics endpoint") for u in urls]
+        self.interval_s = interval_s
+        self.times: list[float] = []
+        self.snapshots: list[Snapshot] = []
+        self.missed = 0  # background scrapes that failed (a load spike); the window goes on
+        self._client = httpx.Client(timeout=timeout_s)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def take(self) -> None:
+        """One scrape of every endpoint; UserError when one fails."""
+        snap: Snapshot = {}
+        for u in self.urls:
+            snap.update(_scrape(self._client, u))
+        self.times.append(time.monotonic())
+        self.snapshots.append(snap)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.take()
+            except UserError:
+                self.missed += 1
+
+    def start(self) -> None:
+        """The baseline scrape (an unreachable endpoint is a UserError here), then one
+        scrape per interval on a background thread until :meth:`stop`."""
+        self.take()
+        self._thread = threading.Thread(target=self._loop, name="metrics-sampler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread and take the closing scrape (counted as missed if it fails)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            self.take()
+        except UserError:
+            self.missed += 1
+        self.close()
+
+    def close(self) -> None:
+        self._client.close()
+
+    def figures(self, pool: str | None = None) -> dict[str, Figures]:
+        """Every pool's figures over the sampled window (UserError: fewer than two scrapes,
+        or no pool metrics / not ``pool``)."""
+        if len(self.snapshots) < 2:
+            raise UserError(f"fewer than two scrapes of {', '.join(self.urls)}")
+        window_s = self.times[-1] - self.times[0]
+        step = window_s / (len(self.times) - 1)
+        vectors, saturation = evaluate_snapshots(
+            self.times, self.snapshots, _tail_for(window_s, 2 * step)
+        )
+        where = ", ".join(self.urls)
+        return _assemble(vectors, saturation, window_s, "metrics-endpoint", pool, where)
+
+
 def from_metrics_endpoint(
     url: str | Sequence[str],
     duration_s: float = 20.0,
@@ -745,28 +838,18 @@ def from_metrics_endpoint(
     Raises UserError when an endpoint is unreachable, is not an exposition, or has no pool
     metrics (or not ``pool``).
     """
-    urls = [url] if isinstance(url, str) else list(url)
-    if not urls:
-        raise UserError("no metrics endpoint URL given")
-    urls = [check_url(u, "metrics endpoint") for u in urls]
     if not duration_s > 0 or not interval_s > 0:
         raise UserError("duration and interval must be positive")
+    sampler = MetricsSampler(url, interval_s, timeout_s=timeout_s)
     ticks = max(1, math.floor(duration_s / interval_s + 1e-9))
     step = duration_s / ticks
-    times: list[float] = []
-    snapshots: list[Snapshot] = []
-    with httpx.Client(timeout=timeout_s) as client:
+    try:
         start = time.monotonic()
         for tick in range(ticks + 1):
             delay = start + tick * step - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-            snap: Snapshot = {}
-            for u in urls:
-                snap.update(_scrape(client, u))
-            times.append(time.monotonic())
-            snapshots.append(snap)
-    window_s = times[-1] - times[0]
-    vectors, saturation = evaluate_snapshots(times, snapshots, _tail_for(window_s, 2 * step))
-    where = ", ".join(urls)
-    return _assemble(vectors, saturation, window_s, "metrics-endpoint", pool, where)
+            sampler.take()
+    finally:
+        sampler.close()
+    return sampler.figures(pool)
