@@ -255,6 +255,7 @@ def format_calibrations(results: list[Calibration]) -> str:
         )
     lines.append(
         f"(ms; pass = within {TOLERANCE.abs_s * 1000:g} ms + {TOLERANCE.rel:.0%} of the server's "
-        "true latency, every answer counted, every timeout an error)"
+        f"true percentile, +-{TOLERANCE.ranks:g} percentile points (+ the generator's send lag "
+        "in open loop), every answer counted, every timeout an error)"
     )
     return "\n".join(lines)

@@ -254,6 +254,11 @@ def run_series(
     drift of the machine over time hits both sides alike. One list of runs per target."""
     if not 1 <= repeat <= MAX_REPEAT:
         raise UserError(f"--repeat must be between 1 and {MAX_REPEAT}")
+    allow_remote = kwargs.get("allow_remote", False)
+    for url, metrics_url, _ in targets:  # every target refused before the first load
+        require_loopback(url, allow_remote=allow_remote)
+        if metrics_url:
+            require_loopback(metrics_url, allow_remote=allow_remote, what="metrics")
     series: list[list[LoadResult]] = [[] for _ in targets]
     for _ in range(repeat):
         for i, (url, metrics_url, label) in enumerate(targets):

@@ -142,6 +142,33 @@ def test_undersized_shows_queueing(report: dict) -> None:
     assert pool["used_max"] == pool["max_connections"] == 2
 
 
+def test_repeat_interleaves_builds_and_judges_the_spread(demo_env: dict[str, str]) -> None:
+    argv = ["--scenario", "leaky", "--scenario", "fixed", "--repeat", "2", "--duration", "2"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "sqlalchemy_pool_tools", "demo", *argv, "--json"],
+        env=demo_env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(proc.stdout)
+    assert data["repeat"] == 2
+    assert [len(data["runs"][name]) for name in ("leaky", "fixed")] == [2, 2]
+    # Interleaved: leaky, fixed, leaky, fixed (the progress lines say so).
+    loads = [
+        line.split("] ")[1].split(":")[0] for line in proc.stderr.splitlines() if "load for" in line
+    ]
+    assert loads == ["leaky", "fixed", "leaky", "fixed"]
+    table = data["comparison"]["table"]
+    assert "median (min-max) of 2 vs 2 runs" in table
+    # The leaky build waits seconds for a connection, the fixed one microseconds: every run
+    # of one side beats every run of the other.
+    wait = next(line for line in table.splitlines() if line.startswith("wait p99"))
+    assert "no significant change" not in wait and "-" in wait.split()[-1]
+
+
 def test_demo_databases_are_dropped(
     report: dict, pg_server_url: URL, databases_before: set[str]
 ) -> None:

@@ -104,6 +104,25 @@ def test_bad_input_is_a_user_error(argv: list[str], capsys: pytest.CaptureFixtur
     assert err.startswith("sqlalchemy-pool: error: ")
 
 
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        (["--tool", "wrk"], "fail the calibration"),
+        (["--repeat", "0"], "--repeat must be"),
+        (["--versus", "http://203.0.113.7/x"], "not a loopback"),  # before any load runs
+        (["--rate", "-1"], "--rate must be positive"),
+        (["--compare", "a.json", "--versus", "http://127.0.0.1:1/"], "pick one"),
+    ],
+)
+def test_bad_loadtest_options_are_refused_before_any_load(
+    extra: list[str], reason: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["loadtest", f"http://127.0.0.1:{closed_port()}/", *extra]) == 2
+    err = capsys.readouterr().err
+    assert_one_line_error(err)
+    assert reason in err
+
+
 def test_unreachable_url_in_a_real_process() -> None:
     proc = run_cli("loadtest", f"http://127.0.0.1:{closed_port()}/orders", "--duration", "1")
     assert proc.returncode == 2

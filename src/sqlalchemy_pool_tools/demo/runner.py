@@ -44,6 +44,7 @@ from sqlalchemy_pool_tools.doctor.report import to_dict as diagnosis_to_dict
 from sqlalchemy_pool_tools.doctor.verdict import Diagnosis, diagnose
 from sqlalchemy_pool_tools.errors import UserError
 from sqlalchemy_pool_tools.loadtest import (
+    MAX_REPEAT,
     LoadResult,
     compare,
     describe_load,
@@ -622,36 +623,51 @@ def format_scenario(result: ScenarioResult) -> str:
     return "\n".join(lines)
 
 
-def format_report(results: dict[str, ScenarioResult], source: str) -> str:
-    parts = [format_scenario(r) for r in results.values()]
+Results = dict[str, list[ScenarioResult]]  # scenario name -> its runs (``--repeat``)
+
+
+def _comparison(results: Results) -> str | None:
+    if "leaky" not in results or "fixed" not in results:
+        return None
+    return compare([r.load for r in results["leaky"]], [r.load for r in results["fixed"]])
+
+
+def format_report(results: Results, source: str) -> str:
+    parts = []
+    for runs in results.values():
+        section = format_scenario(runs[-1])
+        if len(runs) > 1:
+            section += f"\n   (the last of {len(runs)} runs; the table below has all of them)"
+        parts.append(section)
     verdicts = ["== verdicts"]
-    for name, r in results.items():
-        got = r.verdict or "none (no pool metrics)"
-        others = [v for v in r.verdicts[1:] if v != got]
+    for name, runs in results.items():
+        got = [r.verdict or "none (no pool metrics)" for r in runs]
+        others = list(dict.fromkeys(v for r in runs for v in r.verdicts[1:] if v not in got))
         also = f" (also: {', '.join(others)})" if others else ""
-        verdicts.append(f"   {name:<11} {got}{also}   [expected: {r.scenario.expected}]")
+        headline = ", ".join(got)
+        verdicts.append(f"   {name:<11} {headline}{also}   [expected: {runs[0].scenario.expected}]")
     parts.append("\n".join(verdicts))
-    if "leaky" in results and "fixed" in results:
-        table = compare([results["leaky"].load], [results["fixed"].load])
+    table = _comparison(results)
+    if table is not None:
         parts.append("== leaky (before) vs fixed (after), same pool and load\n" + table)
-    first = next(iter(results.values())).load.run
+    first = next(iter(results.values()))[0].load.run
     parts.append(f"(database: {source}; load: {first.generator}, HDR histogram)")
     return "\n\n".join(parts)
 
 
-def report_json(results: dict[str, ScenarioResult], source: str, duration_s: float) -> str:
+def report_json(results: Results, source: str, duration_s: float) -> str:
     data: dict[str, Any] = {
         "version": RESULT_VERSION,
         "database": source,
         "duration_s": duration_s,
-        "scenarios": {name: r.to_dict() for name, r in results.items()},
+        "repeat": len(next(iter(results.values()))),
+        # The last run of each scenario; every run under "runs".
+        "scenarios": {name: runs[-1].to_dict() for name, runs in results.items()},
+        "runs": {name: [r.to_dict() for r in runs] for name, runs in results.items()},
     }
-    if "leaky" in results and "fixed" in results:
-        data["comparison"] = {
-            "before": "leaky",
-            "after": "fixed",
-            "table": compare([results["leaky"].load], [results["fixed"].load]),
-        }
+    table = _comparison(results)
+    if table is not None:
+        data["comparison"] = {"before": "leaky", "after": "fixed", "table": table}
     return json.dumps(data, indent=2)
 
 
@@ -705,6 +721,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="builtin",
         help="load generator (wrk is refused: it fails the calibration)",
     )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run the scenarios N times, interleaved; the table shows median and spread",
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument(
         "--serve", action="store_true", help="keep one app and the database running until Ctrl-C"
@@ -720,6 +742,8 @@ def run(args: argparse.Namespace) -> int:
     duration_s = args.duration or (QUICK_DURATION_S if args.quick else FULL_DURATION_S)
     if not 1 <= duration_s <= 300:
         raise UserError("--duration must be between 1 and 300 seconds")
+    if not 1 <= args.repeat <= MAX_REPEAT:
+        raise UserError(f"--repeat must be between 1 and {MAX_REPEAT}")
     if args.serve and not 1 <= args.port <= 65535:
         raise UserError("--port must be between 1 and 65535")
     progress = Progress(enabled=True)
@@ -732,12 +756,15 @@ def run(args: argparse.Namespace) -> int:
     ):
         if args.serve:
             return serve(database_url, args.build, args.port, Path(tmp), progress)
-        results = {
-            name: run_scenario(
-                SCENARIOS[name], database_url, duration_s, Path(tmp), progress, args.tool
-            )
-            for name in args.scenario or SCENARIO_NAMES
-        }
+        names = args.scenario or SCENARIO_NAMES
+        results: Results = {name: [] for name in names}
+        for _ in range(args.repeat):  # interleaved: leaky, fixed, undersized, leaky, ...
+            for name in names:
+                results[name].append(
+                    run_scenario(
+                        SCENARIOS[name], database_url, duration_s, Path(tmp), progress, args.tool
+                    )
+                )
     if args.json:
         print(report_json(results, source, duration_s))
     else:
