@@ -1,12 +1,15 @@
-"""Dashboards as code: writes grafana/dashboards/*.json (the output is committed).
+"""Dashboards as code with Grafana's Foundation SDK: writes grafana/dashboards/*.json (committed).
 
     python grafana/generate_dashboards.py          # rewrite the JSON files
     python grafana/generate_dashboards.py --check  # exit 1 if the committed JSON is stale
 
-Every query uses only metric names from docs/CONTRACT.md, the HTTP server duration metric of
-the ASGI/FastAPI instrumentation (``OTEL_SEMCONV_STABILITY_OPT_IN=http``) and the collector's
-span metrics (``traces_span_metrics_*``). Every aggregation keeps (job, instance, pool) so the
-queries work for a direct scrape and for the collector's prometheus exporter alike.
+Needs ``grafana-foundation-sdk`` (the ``test`` extra pins the build for Grafana 11.6's schema;
+Grafana migrates it forward on load). Every query uses only metric names from
+docs/CONTRACT.md, the HTTP server duration metric of the ASGI/FastAPI instrumentation under
+both its default name (``http_server_duration_milliseconds``) and the stable one
+(``http_server_request_duration_seconds``, ``OTEL_SEMCONV_STABILITY_OPT_IN=http``), and the
+collector's span metrics (``traces_span_metrics_*``). Every aggregation keeps (job, instance,
+pool) so the queries work for a direct scrape and for the collector's prometheus exporter alike.
 Template variables are only used inside ``=~`` matchers (tests/pipeline/queries.py relies on it).
 """
 
@@ -16,10 +19,17 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+
+from grafana_foundation_sdk.builders import common as common_builders
+from grafana_foundation_sdk.builders import dashboard as builders
+from grafana_foundation_sdk.builders import prometheus, table, timeseries
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common
+from grafana_foundation_sdk.models import dashboard as model
+from grafana_foundation_sdk.models import prometheus as prometheus_model
 
 OUT_DIR = Path(__file__).resolve().parent / "dashboards"
-PROM = {"type": "prometheus", "uid": "prometheus"}
+PROM = model.DataSourceRef(type_val="prometheus", uid="prometheus")
 
 POOL = "db_client_connection_pool_name"
 BY = f"job, instance, {POOL}"
@@ -27,29 +37,51 @@ SEL = f'job=~"$job", instance=~"$instance", {POOL}=~"$pool"'
 # Σ over instances: ignores the instance variable on purpose.
 SEL_ALL_INSTANCES = f'job=~"$job", {POOL}=~"$pool"'
 SEL_PROC = 'job=~"$job", instance=~"$instance"'
-HTTP_SEL = 'job=~"$job", instance=~"$instance", http_route=~"$route"'
 WAIT_SPAN_SEL = f'span_name="sqlalchemy.pool.wait", {SEL}'
 RATE = "$__rate_interval"
+LEGEND = "{{instance}} {{db_client_connection_pool_name}}"
+
+# HTTP server duration of the ASGI/FastAPI instrumentation, under both of its names. The
+# default (old semconv) histogram is in milliseconds and carries the route template in
+# http_target (FastAPI passes the route's path format, never the raw path); the stable one
+# (OTEL_SEMCONV_STABILITY_OPT_IN=http or http/dup) is in seconds with http_route. Every HTTP
+# query reads the stable name and falls back to the default one (`or`), so a panel shows data
+# with either setting and counts nothing twice with http/dup.
+HTTP_NEW = "http_server_request_duration_seconds"
+HTTP_OLD = "http_server_duration_milliseconds"
+HTTP_NEW_SEL = 'job=~"$job", instance=~"$instance", http_route=~"$route"'
+HTTP_OLD_SEL = 'job=~"$job", instance=~"$instance", http_target=~"$route"'
 
 
-def q(expr: str, legend: str, *, exemplar: bool = False, instant: bool = False) -> dict:
-    target: dict[str, Any] = {"datasource": PROM, "expr": expr, "legendFormat": legend}
+def q(expr: str, legend: str = "", *, exemplar: bool = False, instant: bool = False):
+    target = prometheus.Dataquery().expr(expr).legend_format(legend).datasource(PROM)
     if exemplar:
-        target["exemplar"] = True
+        target = target.exemplar(True)
     if instant:
-        target.update(instant=True, range=False, format="table")
+        target = target.instant().format(prometheus_model.PromQueryFormat.TABLE)
     return target
 
 
-def quantiles(metric: str, sel: str, by: str, legend: str, qs=(0.5, 0.95, 0.99)) -> list[dict]:
+def quantile(x: float, metric: str, sel: str, by: str) -> str:
+    return f"histogram_quantile({x}, sum by ({by}, le) (rate({metric}_bucket{{{sel}}}[{RATE}])))"
+
+
+def quantiles(metric: str, sel: str, by: str, legend: str, qs=(0.5, 0.95, 0.99)) -> list:
     return [
-        q(
-            f"histogram_quantile({x}, sum by ({by}, le) (rate({metric}_bucket{{{sel}}}[{RATE}])))",
-            f"p{round(x * 100)} {legend}",
-            exemplar=True,
-        )
-        for x in qs
+        q(quantile(x, metric, sel, by), f"p{round(x * 100)} {legend}", exemplar=True) for x in qs
     ]
+
+
+def or_zero(expr: str, sel: str = SEL) -> str:
+    """``expr`` (by job, instance, pool and maybe more), or 0 for every pool without a series:
+    a counter has no series before its first event, and the panel should say 0, not No data."""
+    return f"{expr} or on ({BY}) (sum by ({BY}) (db_client_connection_max{{{sel}}}) * 0)"
+
+
+def http_rate(new_matchers: str = "", old_matchers: str = "") -> str:
+    new = f"sum by (job) (rate({HTTP_NEW}_count{{{new_matchers}{HTTP_NEW_SEL}}}[{RATE}]))"
+    old = f"sum by (job) (rate({HTTP_OLD}_count{{{old_matchers}{HTTP_OLD_SEL}}}[{RATE}]))"
+    return f"{new} or {old}"
 
 
 def used_ratio(sel: str) -> str:
@@ -68,260 +100,233 @@ def usable_max_connections(sel: str) -> str:
     )
 
 
-class Layout:
-    """Assigns ids and grid positions: panels flow left to right, 24 columns wide."""
+def thresholds(steps: list[tuple[float, str]], base: str = "green"):
+    return (
+        builders.ThresholdsConfig()
+        .mode(model.ThresholdsMode.ABSOLUTE)
+        .steps([model.Threshold(color=base, value=None)]
+               + [model.Threshold(color=color, value=value) for value, color in steps])
+    )  # fmt: skip
 
-    def __init__(self) -> None:
-        self.panels: list[dict] = []
+
+class Board:
+    """A dashboard under construction: panels get ids in order; the SDK places them left to
+    right, 24 columns wide."""
+
+    def __init__(self, uid: str, title: str, description: str, variables: list) -> None:
         self.next_id = 1
-        self.x = 0
-        self.y = 0
-        self.row_h = 0
+        self.builder = (
+            builders.Dashboard(title)
+            .uid(uid)
+            .description(description)
+            .tags(["sqlalchemy-pool", "opentelemetry"])
+            .timezone("browser")
+            .editable()
+            .tooltip(model.DashboardCursorSync.CROSSHAIR)  # every panel on one time axis
+            .refresh("30s")
+            .time("now-1h", "now")
+            .link(
+                builders.DashboardLink("SQLAlchemy pool")
+                .type(model.DashboardLinkType.DASHBOARDS)
+                .tags(["sqlalchemy-pool"])
+                .as_dropdown(False)
+                .include_vars(True)
+                .keep_time(True)
+            )
+            .variables(variables)
+        )
 
     def _id(self) -> int:
         self.next_id += 1
         return self.next_id - 1
 
     def row(self, title: str) -> None:
-        self._newline()
-        self.panels.append(
-            {
-                "id": self._id(),
-                "type": "row",
-                "title": title,
-                "collapsed": False,
-                "gridPos": {"h": 1, "w": 24, "x": 0, "y": self.y},
-                "panels": [],
-            }
-        )
-        self.y += 1
-
-    def _newline(self) -> None:
-        if self.x:
-            self.y += self.row_h
-            self.x = 0
-            self.row_h = 0
+        self.builder.with_row(builders.Row(title).id(self._id()))
 
     def panel(
         self,
         title: str,
-        targets: list[dict],
+        targets: list,
         *,
         w: int = 12,
         h: int = 8,
         unit: str = "short",
-        kind: str = "timeseries",
         description: str = "",
-        thresholds: list[tuple[float, str]] | None = None,
+        steps: list[tuple[float, str]] | None = None,
         base_color: str = "green",
         bars: bool = False,
         minimum: float | None = 0,
         maximum: float | None = None,
-        options: dict | None = None,
-        transformations: list[dict] | None = None,
     ) -> None:
-        if self.x + w > 24:
-            self._newline()
-        steps: list[dict[str, Any]] = [{"color": base_color, "value": None}]
-        steps += [{"color": color, "value": value} for value, color in thresholds or []]
-        defaults: dict[str, Any] = {
-            "unit": unit,
-            "thresholds": {"mode": "absolute", "steps": steps},
-        }
+        panel = (
+            timeseries.Panel()
+            .title(title)
+            .description(description)
+            .datasource(PROM)
+            .span(w)
+            .height(h)
+            .unit(unit)
+            .thresholds(thresholds(steps or [], base_color))
+            .draw_style(common.GraphDrawStyle.BARS if bars else common.GraphDrawStyle.LINE)
+            .line_width(1)
+            .fill_opacity(60 if bars else 10)
+            .show_points(common.VisibilityMode.NEVER)
+            .span_nulls(False)
+            .thresholds_style(
+                common_builders.GraphThresholdsStyleConfig().mode(
+                    common.GraphThresholdsStyleMode.DASHED
+                    if steps
+                    else common.GraphThresholdsStyleMode.OFF
+                )
+            )
+            .legend(
+                common_builders.VizLegendOptions()
+                .display_mode(common.LegendDisplayMode.LIST)
+                .placement(common.LegendPlacement.BOTTOM)
+                .show_legend(True)
+            )
+            .tooltip(
+                common_builders.VizTooltipOptions()
+                .mode(common.TooltipDisplayMode.MULTI)
+                .sort(common.SortOrder.DESCENDING)
+            )
+        )
         if minimum is not None:
-            defaults["min"] = minimum
+            panel = panel.min(minimum)
         if maximum is not None:
-            defaults["max"] = maximum
-        if kind == "timeseries":
-            defaults["custom"] = {
-                "drawStyle": "bars" if bars else "line",
-                "lineWidth": 1,
-                "fillOpacity": 60 if bars else 10,
-                "showPoints": "never",
-                "spanNulls": False,
-                "thresholdsStyle": {"mode": "dashed" if thresholds else "off"},
-            }
+            panel = panel.max(maximum)
+        self._add(panel, targets)
+
+    def table(self, title: str, targets: list, *, w: int, h: int, renames: dict[str, str],
+              description: str = "") -> None:  # fmt: skip
+        panel = (
+            table.Panel()
+            .title(title)
+            .description(description)
+            .datasource(PROM)
+            .span(w)
+            .height(h)
+            .show_header(True)
+            .cell_height(common.TableCellHeight.SM)
+            .thresholds(thresholds([]))
+            .with_transformation(model.DataTransformerConfig(id_val="merge", options={}))
+            .with_transformation(
+                model.DataTransformerConfig(
+                    id_val="organize",
+                    options={"excludeByName": {"Time": True}, "renameByName": renames},
+                )
+            )
+        )
+        self._add(panel, targets)
+
+    def _add(self, panel, targets: list) -> None:
         for ref, target in zip("ABCDEFGH", targets, strict=False):
-            target["refId"] = ref
-        panel: dict[str, Any] = {
-            "id": self._id(),
-            "type": kind,
-            "title": title,
-            "description": description,
-            "datasource": PROM,
-            "gridPos": {"h": h, "w": w, "x": self.x, "y": self.y},
-            "fieldConfig": {"defaults": defaults, "overrides": []},
-            "options": options
-            or {
-                "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
-                "tooltip": {"mode": "multi", "sort": "desc"},
-            },
-            "targets": targets,
-        }
-        if transformations:
-            panel["transformations"] = transformations
-        self.panels.append(panel)
-        self.x += w
-        self.row_h = max(self.row_h, h)
+            panel = panel.with_target(target.ref_id(ref))
+        self.builder.with_panel(panel.id(self._id()))
+
+    def build(self):
+        return self.builder.build()
 
 
-def variable(name: str, label: str, query: str) -> dict:
-    return {
-        "name": name,
-        "label": label,
-        "type": "query",
-        "datasource": PROM,
-        "definition": query,
-        "query": {"query": query, "refId": f"{name}-variable"},
-        "refresh": 2,
-        "includeAll": True,
-        "multi": True,
-        "allValue": ".*",
-        "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
-        "sort": 1,
-        "hide": 0,
-        "options": [],
-    }
+def variable(name: str, label: str, query: str, regex: str = ""):
+    built = (
+        builders.QueryVariable(name)
+        .label(label)
+        .datasource(PROM)
+        .query(query)
+        .refresh(model.VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .include_all(True)
+        .multi(True)
+        .all_value(".*")
+        .sort(model.VariableSort.ALPHABETICAL_ASC)
+        .current(model.VariableOption(selected=True, text=["All"], value=["$__all"]))
+    )
+    return built.regex(regex) if regex else built
 
 
-POOL_VARIABLES = [
-    variable("job", "Job / service", "label_values(db_client_connection_max, job)"),
-    variable(
-        "instance", "Instance", 'label_values(db_client_connection_max{job=~"$job"}, instance)'
-    ),
-    variable(
-        "pool",
-        "Pool",
-        f'label_values(db_client_connection_max{{job=~"$job", instance=~"$instance"}}, {POOL})',
-    ),
-]
+def pool_variables() -> list:
+    return [
+        variable("job", "Job / service", "label_values(db_client_connection_max, job)"),
+        variable(
+            "instance", "Instance", 'label_values(db_client_connection_max{job=~"$job"}, instance)'
+        ),
+        variable(
+            "pool",
+            "Pool",
+            f'label_values(db_client_connection_max{{job=~"$job", instance=~"$instance"}}, {POOL})',
+        ),
+    ]
 
 
-def dashboard(uid: str, title: str, description: str, layout: Layout, variables: list) -> dict:
-    return {
-        "uid": uid,
-        "title": title,
-        "description": description,
-        "tags": ["sqlalchemy-pool", "opentelemetry"],
-        "timezone": "browser",
-        "editable": True,
-        "graphTooltip": 1,  # shared crosshair: every panel on the same time axis
-        "refresh": "30s",
-        "schemaVersion": 39,
-        "version": 1,
-        "time": {"from": "now-1h", "to": "now"},
-        "timepicker": {},
-        "annotations": {
-            "list": [
-                {
-                    "builtIn": 1,
-                    "datasource": {"type": "grafana", "uid": "-- Grafana --"},
-                    "enable": True,
-                    "hide": True,
-                    "iconColor": "rgba(0, 211, 255, 1)",
-                    "name": "Annotations & Alerts",
-                    "type": "dashboard",
-                }
-            ]
-        },
-        "links": [
-            {
-                "type": "dashboards",
-                "tags": ["sqlalchemy-pool"],
-                "asDropdown": False,
-                "includeVars": True,
-                "keepTime": True,
-                "title": "SQLAlchemy pool",
-            }
-        ],
-        "templating": {"list": variables},
-        "panels": layout.panels,
-    }
-
-
-def pool_overview() -> dict:
-    lay = Layout()
-    lay.row("Pool state")
-    lay.panel(
+def pool_overview():
+    board = Board(
+        "sqlalchemy-pool-overview",
+        "SQLAlchemy pool overview",
+        "Connection pools instrumented by opentelemetry-instrumentation-sqlalchemy-pool.",
+        pool_variables(),
+    )
+    board.row("Pool state")
+    board.panel(
         "Connections: used / idle / max",
         [
             q(
                 f"sum by ({BY}, db_client_connection_state) (db_client_connection_count{{{SEL}}})",
-                "{{instance}} {{db_client_connection_pool_name}} {{db_client_connection_state}}",
+                f"{LEGEND} {{{{db_client_connection_state}}}}",
             ),
-            q(
-                f"sum by ({BY}) (db_client_connection_max{{{SEL}}})",
-                "{{instance}} {{db_client_connection_pool_name}} max",
-            ),
-            q(
-                f"sum by ({BY}) (db_client_connection_idle_max{{{SEL}}})",
-                "{{instance}} {{db_client_connection_pool_name}} idle max",
-            ),
+            q(f"sum by ({BY}) (db_client_connection_max{{{SEL}}})", f"{LEGEND} max"),
+            q(f"sum by ({BY}) (db_client_connection_idle_max{{{SEL}}})", f"{LEGEND} idle max"),
         ],
         description="db.client.connection.count by state against db.client.connection.max "
         "(pool_size + max_overflow) and idle.max (pool_size).",
     )
-    lay.panel(
+    board.panel(
         "Utilisation (used / max)",
-        [q(used_ratio(SEL), "{{instance}} {{db_client_connection_pool_name}}")],
+        [q(used_ratio(SEL), LEGEND)],
         unit="percentunit",
-        thresholds=[(0.75, "orange"), (0.9, "red")],
+        steps=[(0.75, "orange"), (0.9, "red")],
         maximum=1,
         description="Alert SQLAlchemyPoolSaturated fires at 90% for 5 minutes.",
     )
-    lay.panel(
+    board.panel(
         "Pending checkouts",
-        [
-            q(
-                f"sum by ({BY}) (db_client_connection_pending_requests{{{SEL}}})",
-                "{{instance}} {{db_client_connection_pool_name}}",
-            )
-        ],
+        [q(f"sum by ({BY}) (db_client_connection_pending_requests{{{SEL}}})", LEGEND)],
         w=8,
         description="Callers waiting for a connection right now.",
     )
-    lay.panel(
+    board.panel(
         "Checkout wait p50 / p95 / p99",
-        quantiles(
-            "db_client_connection_wait_time_seconds",
-            SEL,
-            BY,
-            "{{instance}} {{db_client_connection_pool_name}}",
-        ),
+        quantiles("db_client_connection_wait_time_seconds", SEL, BY, LEGEND),
         w=8,
         unit="s",
         description="Exemplars link to the trace (sqlalchemy.pool.wait span, holders as links).",
     )
-    lay.panel(
+    board.panel(
         "Checkout timeouts /s",
         [
             q(
-                f"sum by ({BY}) (rate(db_client_connection_timeouts_total{{{SEL}}}[{RATE}]))",
-                "{{instance}} {{db_client_connection_pool_name}}",
+                or_zero(
+                    f"sum by ({BY}) (rate(db_client_connection_timeouts_total{{{SEL}}}[{RATE}]))"
+                ),
+                LEGEND,
                 exemplar=True,
             )
         ],
         w=8,
         unit="ops",
         bars=True,
-        thresholds=[(0.0001, "red")],
+        steps=[(0.0001, "red")],
         description="sqlalchemy.exc.TimeoutError raised by checkouts (pool_timeout reached).",
     )
 
-    lay.row("Holding connections")
-    lay.panel(
+    board.row("Holding connections")
+    board.panel(
         "Use time p50 / p95 / p99",
-        quantiles(
-            "db_client_connection_use_time_seconds",
-            SEL,
-            BY,
-            "{{instance}} {{db_client_connection_pool_name}}",
-        ),
+        quantiles("db_client_connection_use_time_seconds", SEL, BY, LEGEND),
         w=8,
         unit="s",
         description="Checkout to checkin: how long each connection is held.",
     )
-    lay.panel(
+    board.panel(
         "Held-idle share (held idle / use time)",
         [
             q(
@@ -329,23 +334,23 @@ def pool_overview() -> dict:
                 f"(rate(sqlalchemy_pool_connection_held_idle_time_seconds_sum{{{SEL}}}[{RATE}]))"
                 f" / sum by ({BY}) "
                 f"(rate(db_client_connection_use_time_seconds_sum{{{SEL}}}[{RATE}]))",
-                "{{instance}} {{db_client_connection_pool_name}}",
+                LEGEND,
             )
         ],
         w=8,
         unit="percentunit",
         maximum=1,
-        thresholds=[(0.5, "orange"), (0.8, "red")],
+        steps=[(0.5, "orange"), (0.8, "red")],
         description="Share of the holding time with no statement running: connections held "
         "across awaits, external calls or idle in transaction.",
     )
-    lay.panel(
+    board.panel(
         "Checkouts /s",
         [
             q(
                 f"sum by ({BY}) "
                 f"(rate(db_client_connection_use_time_seconds_count{{{SEL}}}[{RATE}]))",
-                "{{instance}} {{db_client_connection_pool_name}}",
+                LEGEND,
             )
         ],
         w=8,
@@ -353,13 +358,15 @@ def pool_overview() -> dict:
         description="Connections returned per second: the pool's throughput. With use time p95 "
         "it gives the load (Little's law: used = checkouts/s x mean use time).",
     )
-    lay.panel(
+    board.panel(
         "Leaks by kind",
         [
             q(
-                f"sum by ({BY}, sqlalchemy_pool_leak_kind) "
-                f"(increase(sqlalchemy_pool_leaks_total{{{SEL}}}[{RATE}]))",
-                "{{instance}} {{db_client_connection_pool_name}} {{sqlalchemy_pool_leak_kind}}",
+                or_zero(
+                    f"sum by ({BY}, sqlalchemy_pool_leak_kind) "
+                    f"(increase(sqlalchemy_pool_leaks_total{{{SEL}}}[{RATE}]))"
+                ),
+                f"{LEGEND} {{{{sqlalchemy_pool_leak_kind}}}}",
                 exemplar=True,
             )
         ],
@@ -367,48 +374,37 @@ def pool_overview() -> dict:
         description="long_hold, outlived_response, garbage_collected, "
         "open_transaction_at_checkin. Flagged sessions are always kept by tail sampling.",
     )
-    lay.panel(
+    board.table(
         "Pool configuration",
         [
-            q(f"max by ({BY}) (sqlalchemy_pool_config_timeout_seconds{{{SEL}}})", "", instant=True),
-            q(f"max by ({BY}) (sqlalchemy_pool_config_recycle_seconds{{{SEL}}})", "", instant=True),
-            q(f"max by ({BY}) (sqlalchemy_pool_config_pre_ping{{{SEL}}})", "", instant=True),
+            q(f"max by ({BY}) (sqlalchemy_pool_config_timeout_seconds{{{SEL}}})", instant=True),
+            q(f"max by ({BY}) (sqlalchemy_pool_config_recycle_seconds{{{SEL}}})", instant=True),
+            q(f"max by ({BY}) (sqlalchemy_pool_config_pre_ping{{{SEL}}})", instant=True),
             q(
                 f"max by (job, instance) (sqlalchemy_session_expire_on_commit{{{SEL_PROC}}})",
-                "",
                 instant=True,
             ),
         ],
-        kind="table",
-        minimum=None,
-        options={"showHeader": True, "cellHeight": "sm"},
-        transformations=[
-            {"id": "merge", "options": {}},
-            {
-                "id": "organize",
-                "options": {
-                    "excludeByName": {"Time": True},
-                    "renameByName": {
-                        "Value #A": "pool_timeout (s)",
-                        "Value #B": "pool_recycle (s, -1 never)",
-                        "Value #C": "pre_ping",
-                        "Value #D": "expire_on_commit (async sessions)",
-                    },
-                },
-            },
-        ],
+        w=12,
+        h=8,
+        renames={
+            "Value #A": "pool_timeout (s)",
+            "Value #B": "pool_recycle (s, -1 never)",
+            "Value #C": "pre_ping",
+            "Value #D": "expire_on_commit (async sessions)",
+        },
         description="pool_timeout, pool_recycle, pool_pre_ping; expire_on_commit=1 on an async "
         "session factory is a classic lazy-load footgun.",
     )
 
     by_route = f"job, {POOL}, http_route"
-    lay.panel(
+    route_legend = "{{http_route}} ({{job}} {{db_client_connection_pool_name}})"
+    board.panel(
         "Use time p95 by route (top 10)",
         [
             q(
-                f"topk(10, histogram_quantile(0.95, sum by ({by_route}, le) "
-                f"(rate(db_client_connection_use_time_seconds_bucket{{{SEL}}}[{RATE}]))))",
-                "{{http_route}} ({{job}} {{db_client_connection_pool_name}})",
+                f"topk(10, {quantile(0.95, 'db_client_connection_use_time_seconds', SEL, by_route)})",
+                route_legend,
                 exemplar=True,
             )
         ],
@@ -416,7 +412,7 @@ def pool_overview() -> dict:
         description="Connection hold time by the HTTP route that took the connection (route "
         "templates, at most 50 per pool, then 'other'; no route outside requests).",
     )
-    lay.panel(
+    board.panel(
         "Held-idle share by route (top 10)",
         [
             q(
@@ -424,35 +420,31 @@ def pool_overview() -> dict:
                 f"(rate(sqlalchemy_pool_connection_held_idle_time_seconds_sum{{{SEL}}}[{RATE}]))"
                 f" / sum by ({by_route}) "
                 f"(rate(db_client_connection_use_time_seconds_sum{{{SEL}}}[{RATE}])))",
-                "{{http_route}} ({{job}} {{db_client_connection_pool_name}})",
+                route_legend,
             )
         ],
         unit="percentunit",
         maximum=1,
-        thresholds=[(0.5, "orange"), (0.8, "red")],
+        steps=[(0.5, "orange"), (0.8, "red")],
         description="Routes that hold connections without using them: the first place to look "
         "in the session-lifecycle step of the runbook.",
     )
 
-    lay.row("Connection churn")
-    lay.panel(
+    board.row("Connection churn")
+    board.panel(
         "Connect (create) time p50 / p99",
-        quantiles(
-            "db_client_connection_create_time_seconds",
-            SEL,
-            BY,
-            "{{instance}} {{db_client_connection_pool_name}}",
-            qs=(0.5, 0.99),
-        ),
+        quantiles("db_client_connection_create_time_seconds", SEL, BY, LEGEND, qs=(0.5, 0.99)),
         unit="s",
     )
-    lay.panel(
+    board.panel(
         "Closes by reason /s",
         [
             q(
-                f"sum by ({BY}, sqlalchemy_pool_close_reason) "
-                f"(rate(sqlalchemy_pool_connection_closes_total{{{SEL}}}[{RATE}]))",
-                "{{instance}} {{db_client_connection_pool_name}} {{sqlalchemy_pool_close_reason}}",
+                or_zero(
+                    f"sum by ({BY}, sqlalchemy_pool_close_reason) "
+                    f"(rate(sqlalchemy_pool_connection_closes_total{{{SEL}}}[{RATE}]))"
+                ),
+                f"{LEGEND} {{{{sqlalchemy_pool_close_reason}}}}",
             )
         ],
         unit="ops",
@@ -461,19 +453,19 @@ def pool_overview() -> dict:
         "detached, error.",
     )
 
-    lay.row("PostgreSQL server (pg_stat_activity sampler, pg_activity=True)")
-    lay.panel(
+    board.row("PostgreSQL server (pg_stat_activity sampler, pg_activity=True)")
+    board.panel(
         "Backends by state (this application)",
         [
             q(
                 f"sum by ({BY}, sqlalchemy_pool_pg_state) "
                 f'(sqlalchemy_pool_pg_backends{{sqlalchemy_pool_pg_scope="application", {SEL}}})',
-                "{{instance}} {{db_client_connection_pool_name}} {{sqlalchemy_pool_pg_state}}",
+                f"{LEGEND} {{{{sqlalchemy_pool_pg_state}}}}",
             )
         ],
         w=8,
     )
-    lay.panel(
+    board.panel(
         "Backends by state (whole server)",
         [
             q(
@@ -485,29 +477,27 @@ def pool_overview() -> dict:
         w=8,
         description="Every instance samples the same server: max over instances.",
     )
-    lay.panel(
+    board.panel(
         "Oldest transaction / query age",
         [
             q(
                 f"max by ({BY}, sqlalchemy_pool_pg_scope) "
                 f"(sqlalchemy_pool_pg_oldest_transaction_age_seconds{{{SEL}}})",
-                "{{instance}} {{db_client_connection_pool_name}} transaction "
-                "({{sqlalchemy_pool_pg_scope}})",
+                f"{LEGEND} transaction ({{{{sqlalchemy_pool_pg_scope}}}})",
             ),
             q(
                 f"max by ({BY}, sqlalchemy_pool_pg_scope) "
                 f"(sqlalchemy_pool_pg_oldest_query_age_seconds{{{SEL}}})",
-                "{{instance}} {{db_client_connection_pool_name}} query "
-                "({{sqlalchemy_pool_pg_scope}})",
+                f"{LEGEND} query ({{{{sqlalchemy_pool_pg_scope}}}})",
             ),
         ],
         w=8,
         unit="s",
-        thresholds=[(60, "red")],
+        steps=[(60, "red")],
         description="Alert SQLAlchemyPoolIdleInTransaction: oldest transaction > 60 s with "
         "backends idle in transaction.",
     )
-    lay.panel(
+    board.panel(
         "max_connections headroom",
         [
             q(
@@ -519,24 +509,18 @@ def pool_overview() -> dict:
         ],
         minimum=None,
         base_color="red",
-        thresholds=[(10, "orange"), (30, "green")],
+        steps=[(10, "orange"), (30, "green")],
         description="max_connections - reserved connections - backends on the server.",
     )
-    lay.panel(
+    board.panel(
         "Capacity: Σ pool max over instances vs max_connections",
         [
-            q(
-                f"sum by ({BY}) (db_client_connection_max{{{SEL}}})",
-                "{{instance}} {{db_client_connection_pool_name}} pool max",
-            ),
+            q(f"sum by ({BY}) (db_client_connection_max{{{SEL}}})", f"{LEGEND} pool max"),
             q(
                 f"sum by (job, {POOL}) (db_client_connection_max{{{SEL_ALL_INSTANCES}}})",
                 "Σ {{job}} {{db_client_connection_pool_name}} over instances",
             ),
-            q(
-                f"sum(db_client_connection_max{{{SEL_ALL_INSTANCES}}})",
-                "Σ all selected pools",
-            ),
+            q(f"sum(db_client_connection_max{{{SEL_ALL_INSTANCES}}})", "Σ all selected pools"),
             q(
                 f"max(sqlalchemy_pool_pg_max_connections{{{SEL_ALL_INSTANCES}}})",
                 "server max_connections",
@@ -547,65 +531,66 @@ def pool_overview() -> dict:
         "fails with 'too many clients' instead of queueing in the pools. Runbook: metrics, "
         "session lifecycle, explicit pool limits, load test, only then max_connections.",
     )
-    return dashboard(
-        "sqlalchemy-pool-overview",
-        "SQLAlchemy pool overview",
-        "Connection pools instrumented by opentelemetry-instrumentation-sqlalchemy-pool.",
-        lay,
-        POOL_VARIABLES,
+    return board.build()
+
+
+def latency_vs_saturation():
+    route = variable(
+        "route",
+        "HTTP route",
+        # Routes from either HTTP metric name (see HTTP_OLD above); Grafana takes the values
+        # from the result's http_route label through the regex.
+        f'query_result(count by (http_route) ({HTTP_NEW}_count{{job=~"$job"}}) or '
+        f'label_replace(count by (http_target) ({HTTP_OLD}_count{{job=~"$job"}}), '
+        '"http_route", "$1", "http_target", "(.+)"))',
+        regex='/http_route="([^"]+)"/',
     )
-
-
-def latency_vs_saturation() -> dict:
-    lay = Layout()
-    lay.panel(
+    board = Board(
+        "sqlalchemy-pool-latency",
+        "SQLAlchemy pool: latency vs pool saturation",
+        "Request latency on the same time axis as pool utilisation, pending checkouts and "
+        "checkout wait, with exemplars.",
+        [*pool_variables(), route],
+    )
+    board.panel(
         "HTTP request duration p95 / p99",
-        quantiles(
-            "http_server_request_duration_seconds",
-            HTTP_SEL,
-            "job",
-            "{{job}}",
-            qs=(0.95, 0.99),
-        ),
+        [
+            q(
+                f"{quantile(x, HTTP_NEW, HTTP_NEW_SEL, 'job')}"
+                f" or {quantile(x, HTTP_OLD, HTTP_OLD_SEL, 'job')} / 1000",
+                f"p{round(x * 100)} {{{{job}}}}",
+                exemplar=True,
+            )
+            for x in (0.95, 0.99)
+        ],
         w=24,
         unit="s",
-        description="http.server.request.duration from the ASGI/FastAPI instrumentation "
-        "(OTEL_SEMCONV_STABILITY_OPT_IN=http). Exemplars link to the slow requests' traces.",
+        description="http.server.request.duration (OTEL_SEMCONV_STABILITY_OPT_IN=http) or, "
+        "with the ASGI/FastAPI instrumentation's defaults, http.server.duration (ms). "
+        "Exemplars link to the slow requests' traces.",
     )
-    lay.panel(
+    board.panel(
         "Pool utilisation (used / max)",
-        [q(used_ratio(SEL), "{{instance}} {{db_client_connection_pool_name}}")],
+        [q(used_ratio(SEL), LEGEND)],
         w=24,
         h=6,
         unit="percentunit",
         maximum=1,
-        thresholds=[(0.75, "orange"), (0.9, "red")],
+        steps=[(0.75, "orange"), (0.9, "red")],
     )
-    lay.panel(
+    board.panel(
         "Pending checkouts",
-        [
-            q(
-                f"sum by ({BY}) (db_client_connection_pending_requests{{{SEL}}})",
-                "{{instance}} {{db_client_connection_pool_name}}",
-            )
-        ],
+        [q(f"sum by ({BY}) (db_client_connection_pending_requests{{{SEL}}})", LEGEND)],
         w=24,
         h=6,
     )
-    lay.panel(
+    board.panel(
         "Checkout wait p99 (metrics and pool-wait spans)",
         [
-            *quantiles(
-                "db_client_connection_wait_time_seconds",
-                SEL,
-                BY,
-                "{{instance}} {{db_client_connection_pool_name}}",
-                qs=(0.99,),
-            ),
+            *quantiles("db_client_connection_wait_time_seconds", SEL, BY, LEGEND, qs=(0.99,)),
             q(
-                f"histogram_quantile(0.99, sum by ({BY}, le) "
-                f"(rate(traces_span_metrics_duration_seconds_bucket{{{WAIT_SPAN_SEL}}}[{RATE}])))",
-                "p99 sqlalchemy.pool.wait span {{instance}} {{db_client_connection_pool_name}}",
+                quantile(0.99, "traces_span_metrics_duration_seconds", WAIT_SPAN_SEL, BY),
+                f"p99 sqlalchemy.pool.wait span {LEGEND}",
                 exemplar=True,
             ),
         ],
@@ -614,34 +599,37 @@ def latency_vs_saturation() -> dict:
         description="The span-metrics series (collector path only) covers the checkouts that "
         "waited past the wait-span threshold; its exemplars open those traces.",
     )
-    lay.panel(
+    board.panel(
         "Checkout timeouts and slow checkouts /s",
         [
             q(
-                f"sum by ({BY}) (rate(db_client_connection_timeouts_total{{{SEL}}}[{RATE}]))",
-                "timeouts {{instance}} {{db_client_connection_pool_name}}",
+                or_zero(
+                    f"sum by ({BY}) (rate(db_client_connection_timeouts_total{{{SEL}}}[{RATE}]))"
+                ),
+                f"timeouts {LEGEND}",
             ),
             q(
-                f"sum by ({BY}) (rate(traces_span_metrics_calls_total{{{WAIT_SPAN_SEL}}}[{RATE}]))",
-                "sqlalchemy.pool.wait spans {{instance}} {{db_client_connection_pool_name}}",
+                or_zero(
+                    f"sum by ({BY}) "
+                    f"(rate(traces_span_metrics_calls_total{{{WAIT_SPAN_SEL}}}[{RATE}]))"
+                ),
+                f"sqlalchemy.pool.wait spans {LEGEND}",
             ),
         ],
         w=24,
         h=6,
         unit="ops",
         bars=True,
+        description="Slow checkouts are sqlalchemy.pool.wait spans counted by the collector's "
+        "span metrics (0 on the direct-scrape path, which has no span metrics).",
     )
-    lay.panel(
+    board.panel(
         "HTTP requests /s and 5xx /s",
         [
+            q(http_rate(), "requests {{job}}"),
             q(
-                f"sum by (job) "
-                f"(rate(http_server_request_duration_seconds_count{{{HTTP_SEL}}}[{RATE}]))",
-                "requests {{job}}",
-            ),
-            q(
-                f"sum by (job) (rate(http_server_request_duration_seconds_count"
-                f'{{http_response_status_code=~"5..", {HTTP_SEL}}}[{RATE}]))',
+                http_rate('http_response_status_code=~"5..", ', 'http_status_code=~"5..", ')
+                + f" or ({http_rate()}) * 0",
                 "5xx {{job}}",
             ),
         ],
@@ -649,22 +637,7 @@ def latency_vs_saturation() -> dict:
         h=6,
         unit="reqps",
     )
-    variables = [
-        *POOL_VARIABLES,
-        variable(
-            "route",
-            "HTTP route",
-            'label_values(http_server_request_duration_seconds_count{job=~"$job"}, http_route)',
-        ),
-    ]
-    return dashboard(
-        "sqlalchemy-pool-latency",
-        "SQLAlchemy pool: latency vs pool saturation",
-        "Request latency on the same time axis as pool utilisation, pending checkouts and "
-        "checkout wait, with exemplars.",
-        lay,
-        variables,
-    )
+    return board.build()
 
 
 DASHBOARDS = {
@@ -674,7 +647,10 @@ DASHBOARDS = {
 
 
 def render() -> dict[str, str]:
-    return {name: json.dumps(build(), indent=2) + "\n" for name, build in DASHBOARDS.items()}
+    return {
+        name: json.dumps(build(), cls=JSONEncoder, indent=2, ensure_ascii=False) + "\n"
+        for name, build in DASHBOARDS.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

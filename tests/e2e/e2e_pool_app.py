@@ -8,7 +8,7 @@ transaction"), an AsyncSession (session metrics), a request session used by a ba
 after the response (outlived_response) and a session left to the garbage collector.
 
 Environment: E2E_DATABASE_URL (postgresql+asyncpg://...), E2E_POOL_SIZE / E2E_MAX_OVERFLOW /
-E2E_POOL_TIMEOUT (pool limits), E2E_TELEMETRY:
+E2E_POOL_TIMEOUT / E2E_POOL_RECYCLE (pool settings), E2E_TELEMETRY:
 
 * ``prometheus`` (default; tests/e2e/test_prometheus_e2e.py): providers set up here, the pool
   and FastAPI instrumentations configured in code, metrics on GET /metrics
@@ -38,7 +38,7 @@ engine = create_async_engine(
     pool_size=int(os.environ.get("E2E_POOL_SIZE", "2")),
     max_overflow=int(os.environ.get("E2E_MAX_OVERFLOW", "1")),
     pool_timeout=float(os.environ.get("E2E_POOL_TIMEOUT", "0.3")),
-    pool_recycle=2,
+    pool_recycle=int(os.environ.get("E2E_POOL_RECYCLE", "2")),
     pool_pre_ping=True,
 )
 Session = async_sessionmaker(engine, expire_on_commit=True)

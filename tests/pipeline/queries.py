@@ -10,6 +10,8 @@ Grafana syntax is replaced by something Prometheus accepts:
 * ``$__rate_interval`` / ``$__interval`` become ``1m``, ``$__range`` becomes ``5m``;
 * ``$__tags`` (trace-to-metrics) becomes ``job=~".+"``;
 * ``label_values(selector, label)`` becomes ``count by (label) (selector)``;
+* ``query_result(expr)`` (a variable whose values a regex takes from the result) becomes
+  ``expr``;
 * ``$$`` in provisioning files (an escaped ``$``) becomes ``$``.
 
 Usage::
@@ -42,8 +44,9 @@ RATE_INTERVAL = "1m"
 RANGE = "5m"
 COLLECTOR_ONLY_PREFIX = "traces_span_metrics_"
 
-_VARIABLE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\[\[(\w+)\]\]|\$(\w+)")
+_VARIABLE = re.compile(r"\$\{([A-Za-z_]\w*)(?::\w+)?\}|\[\[([A-Za-z_]\w*)\]\]|\$([A-Za-z_]\w*)")
 _LABEL_VALUES = re.compile(r"^\s*label_values\(\s*(.+?)\s*,\s*(\w+)\s*\)\s*$", re.S)
+_QUERY_RESULT = re.compile(r"^\s*query_result\((.+)\)\s*$", re.S)
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,9 @@ def to_promql(
     match = _LABEL_VALUES.match(expr)
     if match:
         expr = f"count by ({match.group(2)}) ({match.group(1)})"
+    match = _QUERY_RESULT.match(expr)
+    if match:
+        expr = match.group(1)
     expr = expr.replace("$__rate_interval", RATE_INTERVAL)
     expr = expr.replace("$__interval", RATE_INTERVAL)
     expr = expr.replace("$__range", RANGE)
