@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -131,23 +132,29 @@ def generate(spec: LoadSpec) -> LoadRun:
 
 
 # --- built-in generator: the child process ---------------------------------------------------
-def _run_builtin_process(spec: LoadSpec) -> LoadRun:
-    payload = json.dumps(dataclasses.asdict(spec))
+def _run_child(name: str, command: list[str], spec: LoadSpec, stdin: str | None = None) -> str:
+    """Run a generator process bounded in time; its stdout, or UserError with its last line."""
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "sqlalchemy_pool_tools.loadgen"],
-            input=payload,
+            command,
+            input=stdin,
             capture_output=True,
             text=True,
             timeout=spec.duration_s + 2 * spec.timeout_s + 60,
             check=False,
         )
     except subprocess.TimeoutExpired:
-        raise UserError("the load generator did not finish in time") from None
-    if proc.returncode != 0:
-        detail = proc.stderr.strip().splitlines()
-        raise UserError(f"load generator failed: {detail[-1] if detail else proc.returncode}")
-    return LoadRun(**json.loads(proc.stdout))
+        raise UserError(f"{name} did not finish in time") from None
+    if proc.returncode != 0 or not proc.stdout.strip():
+        detail = (proc.stderr or proc.stdout).strip().splitlines()
+        raise UserError(f"{name} failed: {detail[-1] if detail else f'exit {proc.returncode}'}")
+    return proc.stdout
+
+
+def _run_builtin_process(spec: LoadSpec) -> LoadRun:
+    command = [sys.executable, "-m", "sqlalchemy_pool_tools.loadgen"]
+    out = _run_child("the load generator", command, spec, json.dumps(dataclasses.asdict(spec)))
+    return LoadRun(**json.loads(out))
 
 
 class _ConnectFailed(Exception):
@@ -317,27 +324,18 @@ def _run_hey(spec: LoadSpec) -> LoadRun:
         raise UserError("hey has no open-loop mode; use --tool builtin with --rate")
     if len(spec.paths) > 1:
         raise UserError("hey loads one path; use --tool builtin to mix paths")
-    command = ["hey", "-c", str(spec.connections), "-t", str(max(1, round(spec.timeout_s)))]
+    # hey takes whole seconds: round the timeout up, and report the one it used.
+    spec = dataclasses.replace(spec, timeout_s=float(max(1, math.ceil(spec.timeout_s))))
+    command = ["hey", "-c", str(spec.connections), "-t", f"{spec.timeout_s:.0f}"]
     if spec.max_requests:
         command += ["-n", str(max(spec.max_requests, spec.connections))]
     else:
         command += ["-z", f"{spec.duration_s:g}s"]
     command.append(spec.base_url + spec.paths[0])
-    try:
-        proc = subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            timeout=spec.duration_s + 2 * spec.timeout_s + 60,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise UserError("hey did not finish in time") from None
-    total = _HEY_TOTAL.search(proc.stdout)
-    if proc.returncode != 0 or not total:
-        detail = (proc.stderr or proc.stdout).strip().splitlines()
-        raise UserError(f"hey failed: {detail[-1] if detail else proc.returncode}")
-    return parse_hey(proc.stdout, spec)
+    out = _run_child("hey", command, spec)
+    if not _HEY_TOTAL.search(out):
+        raise UserError(f"hey failed: no summary in its output ({out.strip()[-200:]!r})")
+    return parse_hey(out, spec)
 
 
 def parse_hey(text: str, spec: LoadSpec) -> LoadRun:
