@@ -276,7 +276,6 @@ class Row:
     name: str
     read: Callable[[LoadResult], float | None]
     show: Callable[[float | None], str]
-    pool: bool = False  # a pool figure (absent without --metrics-url)
 
 
 def _pool(attr: str) -> Callable[[LoadResult], float | None]:
@@ -293,12 +292,12 @@ ROWS: tuple[Row, ...] = (
     Row("latency p95", lambda r: r.latency_s.get("p95"), fmt.seconds),
     Row("latency p99", lambda r: r.latency_s.get("p99"), fmt.seconds),
     Row("errors", lambda r: float(r.errors), fmt.count),
-    Row("pool timeouts", _pool("timeouts"), fmt.count, pool=True),
-    Row("max checked-out", _pool("used_max"), fmt.count, pool=True),
-    Row("mean checked-out", _pool("used_mean"), fmt.count, pool=True),
-    Row("max pending", _pool("pending_max"), fmt.count, pool=True),
-    Row("wait p99", _pool("wait_p99"), fmt.seconds, pool=True),
-    Row("held-idle share", _pool("held_idle_share"), fmt.share, pool=True),
+    Row("pool timeouts", _pool("timeouts"), fmt.count),
+    Row("max checked-out", _pool("used_max"), fmt.count),
+    Row("mean checked-out", _pool("used_mean"), fmt.count),
+    Row("max pending", _pool("pending_max"), fmt.count),
+    Row("wait p99", _pool("wait_p99"), fmt.seconds),
+    Row("held-idle share", _pool("held_idle_share"), fmt.share),
 )
 
 
