@@ -60,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--only",
         metavar="LIST",
         help="comma-separated scenarios: sync, async, sync-select, async-select, wait, e2e, "
-        "memory, instructions (valgrind; skipped when not installed) (aliases: select, "
+        "memory, instructions (valgrind; skipped when not installed), realapp (the OTel stack "
+        "under opentelemetry-instrument, ours off vs on; needs hey) (aliases: select, "
         "cycles, all); default: all",
     )
     parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH (JSON)")

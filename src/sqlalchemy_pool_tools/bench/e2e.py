@@ -40,31 +40,25 @@ def free_port() -> int:
 
 
 class AppServer:
-    """``uvicorn sqlalchemy_pool_tools.bench.e2e_app:app`` on 127.0.0.1 in a subprocess."""
+    """A uvicorn app on 127.0.0.1 in a subprocess (one worker): ``app_path`` is
+    ``module:attribute``; ``launcher`` is put before ``python -m uvicorn`` (for example
+    ``opentelemetry-instrument``)."""
 
     def __init__(
         self,
-        mode: str,
-        url: URL,
-        pool_size: int,
-        interval_ms: float,
-        ours_options: dict[str, Any] | None = None,
+        app_path: str,
+        env: dict[str, str],
+        launcher: tuple[str, ...] = (),
+        port: int | None = None,
     ):
-        self.mode = mode
-        self.port = free_port()
+        self.port = port or free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        env = child_env(
-            SQLA_POOL_BENCH_MODE=mode,
-            SQLA_POOL_BENCH_DB_URL=url.render_as_string(hide_password=False),
-            SQLA_POOL_BENCH_POOL_SIZE=str(pool_size),
-            SQLA_POOL_BENCH_EXPORT_INTERVAL_MS=str(interval_ms),
-            SQLA_POOL_BENCH_OURS_OPTIONS=json.dumps(ours_options or {}),
-        )
         command = [
+            *launcher,
             sys.executable,
             "-m",
             "uvicorn",
-            "sqlalchemy_pool_tools.bench.e2e_app:app",
+            app_path,
             "--host",
             "127.0.0.1",
             "--port",
@@ -78,6 +72,25 @@ class AppServer:
         self.process = subprocess.Popen(
             command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
+
+    @classmethod
+    def e2e(
+        cls,
+        mode: str,
+        url: URL,
+        pool_size: int,
+        interval_ms: float,
+        ours_options: dict[str, Any] | None = None,
+    ) -> AppServer:
+        """``sqlalchemy_pool_tools.bench.e2e_app`` in ``mode`` (bare or ours)."""
+        env = child_env(
+            SQLA_POOL_BENCH_MODE=mode,
+            SQLA_POOL_BENCH_DB_URL=url.render_as_string(hide_password=False),
+            SQLA_POOL_BENCH_POOL_SIZE=str(pool_size),
+            SQLA_POOL_BENCH_EXPORT_INTERVAL_MS=str(interval_ms),
+            SQLA_POOL_BENCH_OURS_OPTIONS=json.dumps(ours_options or {}),
+        )
+        return cls("sqlalchemy_pool_tools.bench.e2e_app:app", env)
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -106,7 +119,7 @@ class AppServer:
             return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stats(self) -> dict[str, Any]:
-        return httpx.get(f"{self.base}/bench/stats", timeout=30.0).json()
+        return httpx.get(f"{self.base}/bench/stats", timeout=60.0).json()
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -245,7 +258,7 @@ def pick_generator(name: str) -> tuple[str, Callable[[str, int, float], dict[str
 def one_run(
     mode: str, url: URL, settings: Any, load: Callable[[str, int, float], dict[str, Any]]
 ) -> dict[str, Any]:
-    with AppServer(mode, url, settings.pool_size, settings.export_interval_ms) as server:
+    with AppServer.e2e(mode, url, settings.pool_size, settings.export_interval_ms) as server:
         server.wait_ready()
         target = f"{server.base}/q"
         load(target, settings.e2e_connections, settings.e2e_warmup_s)

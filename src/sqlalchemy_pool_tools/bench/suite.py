@@ -19,7 +19,7 @@ from sqlalchemy.exc import OperationalError
 
 from sqlalchemy_pool_tools.pg import database_url, with_driver
 
-from . import e2e, instructions, memory, micro
+from . import e2e, instructions, memory, micro, realapp
 from .harness import V_BARE, V_OURS_DEFAULT
 
 Progress = Callable[[str], None]
@@ -33,6 +33,7 @@ SCENARIOS: tuple[str, ...] = (
     "e2e",
     "memory",
     "instructions",
+    "realapp",
 )
 ALIASES: dict[str, tuple[str, ...]] = {
     "select": ("sync-select", "async-select"),
@@ -65,6 +66,12 @@ class Settings:
     load_generator: str = "auto"
     memory_gc: str = "natural"  # natural | explicit (see bench/memory.py)
     memory_stall_s: float = 90.0
+    # realapp (issue 16): the OTel stack a user runs, ours off vs on
+    realapp_clients: int = 64
+    realapp_duration_s: float = 20.0
+    realapp_warmup_s: float = 3.0
+    realapp_pairs: int = 3
+    realapp_requests: int = 200  # instruction count per request (valgrind); 0 = skip
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -99,6 +106,10 @@ PROFILES: dict[str, Settings] = {
         memory_session_window=2_000,
         instruction_cycles=2_000,
         instruction_requests=100,
+        realapp_duration_s=8.0,
+        realapp_warmup_s=2.0,
+        realapp_pairs=2,
+        realapp_requests=100,
     ),
     # For the test suite: every row, every verification, numbers meaningless.
     "tiny": Settings(
@@ -117,6 +128,11 @@ PROFILES: dict[str, Settings] = {
         instruction_requests=50,  # fewer: one wake-up more or less outweighs our cost
         instruction_variants=("bare", "ours-metrics"),  # valgrind runs are slow: two suffice
         memory_gc="explicit",  # deterministic: no finalizer runs inside SDK threads
+        realapp_clients=8,
+        realapp_duration_s=1.0,
+        realapp_warmup_s=0.5,
+        realapp_pairs=1,
+        realapp_requests=0,  # the instruction count is covered by the instructions scenario
     ),
 }
 
@@ -374,6 +390,8 @@ def _run_scenario(
         return e2e.run_e2e_scenario(url_async, settings, progress)
     if name == "memory":
         return run_memory_scenario(url_sync, settings, progress)
+    if name == "realapp":
+        return realapp.run_realapp_scenario(url_sync, url_async, settings, progress)
     if name == "instructions":
         if not instructions.available():
             progress("[instructions] skipped: valgrind is not installed")
