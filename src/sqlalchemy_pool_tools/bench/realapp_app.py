@@ -112,9 +112,38 @@ served = {"me": 0}
 app = FastAPI()
 
 
+class FloorRecords:
+    """``SQLA_POOL_BENCH_FLOOR=1`` (with ours off): the two ``Histogram.record`` calls the
+    semantic conventions require per checkout (wait_time; use_time with ``http.route``), made
+    by the app in the request's context -- the floor no pool instrumentation can go below."""
+
+    def __init__(self) -> None:
+        from opentelemetry import metrics
+
+        from .harness import FLOOR_A, FLOOR_ATTRS, FLOOR_B, semconv
+
+        meter = metrics.get_meter("sqlalchemy_pool_tools.bench.floor")
+        buckets = list(semconv.DURATION_BUCKETS)
+        self.wait, self.use = (
+            meter.create_histogram(name, unit="s", explicit_bucket_boundaries_advisory=buckets)
+            for name in (FLOOR_A, FLOOR_B)
+        )
+        self.attrs = FLOOR_ATTRS
+        self.route_attrs = {**FLOOR_ATTRS, semconv.HTTP_ROUTE: "/me"}
+
+
+floor = FloorRecords() if os.environ.get("SQLA_POOL_BENCH_FLOOR") == "1" else None
+
+
 async def get_db() -> AsyncIterator[AsyncSession]:
     async with SessionLocal() as session:
+        if floor is None:
+            yield session
+            return
+        start = time.perf_counter()
+        floor.wait.record(0.0001, floor.attrs)
         yield session
+        floor.use.record(time.perf_counter() - start, floor.route_attrs)
 
 
 async def current_user(

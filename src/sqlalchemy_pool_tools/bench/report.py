@@ -348,7 +348,7 @@ def _realapp_table(scenario: dict[str, Any]) -> list[str]:
         spans = ", ".join(
             f"{name} {rate:.2f}"
             for name, rate in sorted(row["spans_per_request"].items())
-            if rate >= 0.005  # not the runner's own /healthz and /bench/stats requests
+            if "/healthz" not in name and "/bench/" not in name  # the runner's own requests
         )
         lines.append(
             "| "
@@ -378,11 +378,19 @@ def _realapp_table(scenario: dict[str, Any]) -> list[str]:
     counted = scenario.get("instructions")
     if counted:
         per = counted["per_request"]
+        off = per["off"]
+        floor = per.get("floor")
+        floor_text = (
+            f"floor (ours off, the two records the semantic conventions require made by the "
+            f"app) {floor:,.0f} ({floor - off:+,.0f}, {floor / off - 1:+.2%}), "
+            if floor is not None
+            else ""
+        )
         lines += [
             "",
             f"Instructions per request, in-process (httpx ASGI transport, one request at a time, "
             f"valgrind; difference of a 0-request and a {counted['requests']:,}-request run): "
-            f"off {per['off']:,.0f}, on {per['on']:,.0f} ({counted['added']:+,.0f}, "
+            f"off {off:,.0f}, {floor_text}on {per['on']:,.0f} ({counted['added']:+,.0f}, "
             f"{counted['ratio'] - 1:+.2%}).",
         ]
     return [*lines, ""]
