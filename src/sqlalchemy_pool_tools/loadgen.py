@@ -74,6 +74,7 @@ class LoadSpec:
     max_requests: int | None = None
     timeout_s: float = 10.0
     generator: str = "builtin"
+    headers: dict[str, str] = field(default_factory=dict)  # sent with every request
 
     @property
     def mode(self) -> str:
@@ -240,9 +241,10 @@ async def _builtin(spec: LoadSpec) -> LoadRun:
     ssl = parts.scheme == "https"
     host = parts.hostname or "127.0.0.1"
     port = parts.port or (443 if ssl else 80)
+    extra = "".join(f"{name}: {value}\r\n" for name, value in spec.headers.items())
     requests = [
         f"GET {p} HTTP/1.1\r\nHost: {parts.netloc}\r\nUser-Agent: sqlalchemy-pool-loadtest\r\n"
-        "Accept: */*\r\n\r\n".encode()
+        f"Accept: */*\r\n{extra}\r\n".encode()
         for p in spec.paths
     ]
     hist = HdrHistogram(1, _HDR_MAX_US, _HDR_DIGITS)
@@ -327,6 +329,8 @@ def _run_hey(spec: LoadSpec) -> LoadRun:
     # hey takes whole seconds: round the timeout up, and report the one it used.
     spec = dataclasses.replace(spec, timeout_s=float(max(1, math.ceil(spec.timeout_s))))
     command = ["hey", "-c", str(spec.connections), "-t", f"{spec.timeout_s:.0f}"]
+    for name, value in spec.headers.items():
+        command += ["-H", f"{name}: {value}"]
     if spec.max_requests:
         command += ["-n", str(max(spec.max_requests, spec.connections))]
     else:

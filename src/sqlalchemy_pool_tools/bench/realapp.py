@@ -6,10 +6,11 @@ request-scoped ``AsyncSession``, asyncpg, pool 5 + 10) runs on one uvicorn worke
 Prometheus exporter, spans created and batch-exported -- twice: with our instrumentor at its
 defaults (``on``) and with ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=sqlalchemy_pool`` (``off``).
 
-- Load: closed loop (each client sends its next request when the previous one answered), runs
-  interleaved ABBA (off, on, on, off, ...), a fresh server per run, a warm-up, then the measured
-  window. Latency percentiles are computed here from every request's own time (``hey -o
-  csv``), not taken from a tool's summary. Throughput ratio, p50/p99 ratios and the server's
+- Load: closed loop (each client sends its next request when the previous one answered) from
+  the calibrated generator of ``sqlalchemy_pool_tools.loadgen`` (its own process; HDR
+  percentiles checked against a known-latency server), runs interleaved ABBA (off, on, on, off,
+  ...), a fresh server per run, a warm-up, then the measured window. Throughput ratio, p50/p99
+  ratios and the server's
   CPU per request (its process CPU time over the measured window / requests it served) are
   medians of same-pair ratios; every run is kept, so the spread between runs is shown.
 - Instructions: the same app, initialised exactly as ``opentelemetry-instrument`` does
@@ -23,8 +24,6 @@ defaults (``on``) and with ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=sqlalchemy_po
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import re
@@ -34,6 +33,7 @@ import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from sqlalchemy.engine import URL
@@ -98,57 +98,34 @@ def auth_header() -> str:
 # --------------------------------------------------------------------------------------------
 # Load
 # --------------------------------------------------------------------------------------------
-def percentile(sorted_values: list[float], pct: float) -> float | None:
-    """Nearest-rank percentile of an ascending list (None when empty)."""
-    if not sorted_values:
-        return None
-    rank = max(1, -(-len(sorted_values) * pct // 100))  # ceil(n * pct / 100)
-    return sorted_values[int(rank) - 1]
+def load(url: str, clients: int, duration_s: float, headers: dict[str, str]) -> dict[str, Any]:
+    """Closed-loop load from the calibrated generator (``loadgen``, issue 17)."""
+    from sqlalchemy_pool_tools.loadgen import LoadSpec, generate
 
-
-def parse_hey_csv(text: str) -> dict[str, Any]:
-    """Every request's latency and status from ``hey -o csv``: throughput, p50/p99, errors."""
-    latencies: list[float] = []
-    errors = 0
-    end = 0.0
-    for row in csv.DictReader(io.StringIO(text)):
-        try:
-            seconds = float(row["response-time"])
-            status = int(row["status-code"])
-            offset = float(row["offset"])
-        except (KeyError, TypeError, ValueError):
-            continue
-        end = max(end, offset + seconds)
-        if status == 200:
-            latencies.append(seconds * 1000)
-        else:
-            errors += 1
-    latencies.sort()
-    return {
-        "requests": len(latencies),
-        "errors": errors,
-        "elapsed_s": end,
-        "rps": len(latencies) / end if end else 0.0,
-        "p50_ms": percentile(latencies, 50),
-        "p99_ms": percentile(latencies, 99),
-        "max_ms": latencies[-1] if latencies else None,
-    }
-
-
-def hey_load(url: str, clients: int, duration_s: float, headers: dict[str, str]) -> dict[str, Any]:
-    command = ["hey", "-z", f"{max(0.5, duration_s):g}s", "-c", str(clients), "-t", "60"]
-    for name, value in headers.items():
-        command += ["-H", f"{name}: {value}"]
-    command += ["-o", "csv", url]
-    done = subprocess.run(
-        command, capture_output=True, text=True, timeout=duration_s + 120, check=False
+    parts = urlsplit(url)
+    run = generate(
+        LoadSpec(
+            base_url=f"{parts.scheme}://{parts.netloc}",
+            paths=[parts.path],
+            duration_s=max(0.5, duration_s),
+            connections=clients,
+            timeout_s=60.0,
+            headers=headers,
+        )
     )
-    if done.returncode != 0:
-        raise RuntimeError(f"hey failed: {(done.stderr or done.stdout).strip()[-300:]}")
-    result = parse_hey_csv(done.stdout)
-    if not result["requests"]:
-        raise RuntimeError(f"hey completed no request: {done.stderr.strip()[-300:]}")
-    return result
+    if not run.requests:
+        raise RuntimeError("the load generator got no answer")
+    latency = run.latency_s
+    return {
+        "requests": run.requests - run.errors,
+        "errors": run.errors,
+        "elapsed_s": run.duration_s,
+        "rps": (run.requests - run.errors) / run.duration_s if run.duration_s else 0.0,
+        "p50_ms": latency["p50"] * 1000 if "p50" in latency else None,
+        "p99_ms": latency["p99"] * 1000 if "p99" in latency else None,
+        "max_ms": latency["max"] * 1000 if "max" in latency else None,
+        "generator": run.generator,
+    }
 
 
 def scrape_count(prometheus_port: int, metric: str) -> int | None:
@@ -173,11 +150,11 @@ def one_run(mode: str, url: URL, settings: Any) -> dict[str, Any]:
     with AppServer(APP, env, launcher=LAUNCHER) as server:
         server.wait_ready()
         target = f"{server.base}{PATH}"
-        hey_load(target, clients, settings.realapp_warmup_s, headers)
+        load(target, clients, settings.realapp_warmup_s, headers)
         before = server.stats()
         served0 = before["requests"]
         cpu0 = server.cpu_seconds()
-        result = hey_load(target, clients, settings.realapp_duration_s, headers)
+        result = load(target, clients, settings.realapp_duration_s, headers)
         cpu1 = server.cpu_seconds()
         stats = server.stats()
         recorded = scrape_count(prometheus_port, WAIT_TIME_COUNT)
@@ -259,8 +236,6 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def run_realapp_scenario(url_sync: URL, url_async: URL, settings: Any, progress: Progress):
     from .realapp_data import seed
 
-    if not shutil.which("hey"):
-        raise RuntimeError("hey is not installed (apt-get install hey)")
     seed(url_sync)
     order: list[str] = []
     for pair in range(settings.realapp_pairs):
@@ -288,7 +263,7 @@ def run_realapp_scenario(url_sync: URL, url_async: URL, settings: Any, progress:
         "kind": "realapp",
         "title": f"real app: FastAPI + JWT check + PK lookup (asyncpg, pool 5+10) under "
         f"opentelemetry-instrument, {settings.realapp_clients} closed-loop clients, "
-        f"{settings.realapp_duration_s:g} s per run, hey",
+        f"{settings.realapp_duration_s:g} s per run, calibrated generator (loadgen)",
         "clients": settings.realapp_clients,
         "rows": summarize(runs),
         "runs": runs,
