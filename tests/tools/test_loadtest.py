@@ -18,6 +18,7 @@ from sqlalchemy_pool_tools.loadgen import LoadRun, LoadSpec, generate
 from sqlalchemy_pool_tools.loadtest import (
     LoadResult,
     compare,
+    format_result,
     load,
     require_loopback,
     run_load,
@@ -187,6 +188,16 @@ def test_compare_reports_significance_from_the_spread() -> None:
     assert "median (min-max) of 3 vs 3 runs" in table
     summary = summarize(before)
     assert "median of 3 runs" in summary and "100.0-120.0" in summary
+
+
+def test_a_late_open_loop_generator_is_a_loud_warning() -> None:
+    result = _result("a", 10, 0.030)
+    result.run.mode, result.run.rate = "open", 10.0
+    result.run.send_lag_p99_s = 0.002  # normal scheduling noise: no warning
+    assert "open loop at 10 req/s" in format_result(result)
+    assert "WARNING" not in format_result(result)
+    result.run.send_lag_p99_s = 0.040
+    assert "WARNING: the generator sent requests up to 40 ms late" in format_result(result)
 
 
 def test_load_rejects_files_that_are_not_results(tmp_path) -> None:

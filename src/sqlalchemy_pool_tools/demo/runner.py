@@ -41,7 +41,13 @@ from sqlalchemy_pool_tools.demo import DATABASE_URL_ENV, HOLDERS_PATH
 from sqlalchemy_pool_tools.doctor import _format as fmt
 from sqlalchemy_pool_tools.doctor.figures import Figures
 from sqlalchemy_pool_tools.doctor.report import to_dict as diagnosis_to_dict
-from sqlalchemy_pool_tools.doctor.verdict import Diagnosis, diagnose
+from sqlalchemy_pool_tools.doctor.verdict import (
+    HEALTHY,
+    LEAKED_SESSIONS,
+    UNDERSIZED_POOL,
+    Diagnosis,
+    diagnose,
+)
 from sqlalchemy_pool_tools.errors import UserError
 from sqlalchemy_pool_tools.loadtest import (
     MAX_REPEAT,
@@ -50,6 +56,7 @@ from sqlalchemy_pool_tools.loadtest import (
     describe_load,
     format_pool,
     latency_line,
+    load_warning,
     outlived,
     run_load,
 )
@@ -128,7 +135,7 @@ SCENARIOS: dict[str, Scenario] = {
         paths=("/orders", "/orders/report"),
         connections=20,
         rate=20.0,
-        expected="leaked_sessions",
+        expected=LEAKED_SESSIONS,
     ),
     "fixed": Scenario(
         name="fixed",
@@ -142,7 +149,7 @@ SCENARIOS: dict[str, Scenario] = {
         paths=("/orders", "/orders/report"),
         connections=20,
         rate=20.0,
-        expected="healthy",
+        expected=HEALTHY,
     ),
     "undersized": Scenario(
         name="undersized",
@@ -156,7 +163,7 @@ SCENARIOS: dict[str, Scenario] = {
         paths=("/orders",),
         connections=20,
         rate=None,
-        expected="undersized_pool",
+        expected=UNDERSIZED_POOL,
     ),
 }
 
@@ -590,6 +597,9 @@ def format_scenario(result: ScenarioResult) -> str:
         f"   errors       {run.errors:,} (non-2xx {run.non_2xx:,}, timeouts {run.timeouts:,}, "
         f"socket {run.connect_errors + run.socket_errors:,})",
     ]
+    warning = load_warning(run)
+    if warning:
+        lines.append(f"   {warning}")
     pool = result.pool
     sites = result.holders.get("top_sites") or []
     if pool is None:
