@@ -123,6 +123,16 @@ def test_bad_loadtest_options_are_refused_before_any_load(
     assert reason in err
 
 
+def test_a_missing_generator_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")  # no hey on the PATH
+    assert cli.main(["loadtest", f"http://127.0.0.1:{closed_port()}/", "--tool", "hey"]) == 2
+    err = capsys.readouterr().err
+    assert_one_line_error(err)
+    assert "hey is not installed" in err
+
+
 def test_unreachable_url_in_a_real_process() -> None:
     proc = run_cli("loadtest", f"http://127.0.0.1:{closed_port()}/orders", "--duration", "1")
     assert proc.returncode == 2
