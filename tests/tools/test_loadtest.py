@@ -331,3 +331,13 @@ def test_repeat_versus_interleaves_and_judges_significance(
     assert "no significant change" not in rows["latency p50"]
     assert "+" in rows["latency p50"]
     assert "median (min-max) of 2 vs 2 runs" in data["comparison"]
+
+
+def test_code_sites_are_named_one_way() -> None:
+    from sqlalchemy_pool_tools.demo.runner import code_site
+    from sqlalchemy_pool_tools.doctor import _format as fmt
+
+    record = {"code_function": "report", "code_file": "/srv/app/app.py", "code_line": 12}
+    assert code_site(record) == "report (app.py:12)" == fmt.code_site("report", "app.py", 12)
+    assert code_site({"code_function": None, "code_file": None, "code_line": None}) is None
+    assert fmt.code_site(None, "app.py") == "app.py"

@@ -395,14 +395,8 @@ def _one_line(exc: BaseException) -> str:
 # --------------------------------------------------------------------------------------------
 def code_site(record: dict[str, Any]) -> str | None:
     """``function (file:line)`` from a holder record of the instrumentor's ``holders()``."""
-    function, path, line = (
-        record.get("code_function"),
-        record.get("code_file"),
-        record.get("code_line"),
-    )
-    if not function:
-        return None
-    return f"{function} ({Path(str(path)).name}:{line})" if path else str(function)
+    path = record["code_file"]
+    return fmt.code_site(record["code_function"], path and Path(path).name, record["code_line"])
 
 
 class HoldersSampler:

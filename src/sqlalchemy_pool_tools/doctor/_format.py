@@ -63,3 +63,11 @@ def flag(value: float | None) -> str:
     if unknown(value):
         return "unknown"
     return "on" if value else "off"
+
+
+def code_site(function: str | None, path: str | None, line: object = None) -> str | None:
+    """``function (path:line)``: how every tool names a code site (None when unknown)."""
+    where = f"{path}:{line}" if path and line else path
+    if function and where:
+        return f"{function} ({where})"
+    return function or where

@@ -316,11 +316,9 @@ def _ratio(num: float | None, den: float | None) -> float | None:
 
 
 def _code_site(labels: Labels) -> str | None:
-    func = labels.get(CODE_FUNCTION_LABEL)
-    path = labels.get(CODE_FILE_LABEL)
-    line = labels.get(CODE_LINE_LABEL)
-    where = f"{path}:{line}" if path and line else path
-    site = f"{func} ({where})" if func and where else func or where
+    site = fmt.code_site(
+        labels.get(CODE_FUNCTION_LABEL), labels.get(CODE_FILE_LABEL), labels.get(CODE_LINE_LABEL)
+    )
     route = labels.get(ROUTE_LABEL)
     if route:
         site = f"{site} [{route}]" if site else f"route {route}"
