@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 from sqlalchemy.pool.base import _ConnectionFairy
 
-from opentelemetry.instrumentation.sqlalchemy_pool.pools import POOL_RECORDER_ATTR
+from opentelemetry.instrumentation.sqlalchemy_pool.recorder import POOL_RECORDER_ATTR
 from opentelemetry.instrumentation.sqlalchemy_pool.wait import SpanBudget
 
 POOL = "db.client.connection.pool.name"

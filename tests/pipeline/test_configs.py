@@ -694,7 +694,7 @@ def series_budget() -> dict[str, int]:
 
 
 def test_docs_state_the_series_budget():
-    from opentelemetry.instrumentation.sqlalchemy_pool.pools import MAX_ROUTES_PER_POOL
+    from opentelemetry.instrumentation.sqlalchemy_pool.recorder import MAX_ROUTES_PER_POOL
 
     parts = series_budget()
     assert parts["closes by reason"] == 8 and parts["leaks by kind"] == 4

@@ -89,7 +89,7 @@ def _still_works(otel: Any, engine: sa.Engine, name: str) -> None:
 
 
 def _effective(otel: Any, option: str) -> Any:
-    registry = otel.instrumentor._state[0]
+    registry = otel.instrumentor._state.registry
     return getattr(registry.config, option)
 
 
@@ -424,6 +424,6 @@ async def test_secrets_never_emitted(discovery, otel, secret_role, sync_url, adm
 
 
 def _pool_name(otel: Any, engine: sa.Engine) -> str:
-    from opentelemetry.instrumentation.sqlalchemy_pool.pools import POOL_RECORDER_ATTR
+    from opentelemetry.instrumentation.sqlalchemy_pool.recorder import POOL_RECORDER_ATTR
 
     return engine.pool.__dict__[POOL_RECORDER_ATTR].name

@@ -42,7 +42,7 @@ from sqlalchemy.orm import Session
 
 from instrumentor.conftest import Telemetry
 from opentelemetry.instrumentation.sqlalchemy_pool import SQLAlchemyPoolInstrumentor
-from opentelemetry.instrumentation.sqlalchemy_pool.pools import POOL_RECORDER_ATTR
+from opentelemetry.instrumentation.sqlalchemy_pool.recorder import POOL_RECORDER_ATTR
 
 from .conftest import bounded_memory, counter, gauges, queue_open_records, queued_records
 
@@ -779,7 +779,7 @@ def test_failing_metric_exporters_and_racing_collection(hook_errors, make_sync_e
 # -- metric collection racing with pool creation and disposal ---------------------------------
 def test_collection_races_with_engine_churn(otel, hook_errors, sync_url):
     otel.instrument()
-    registry = otel.instrumentor._state[0]
+    registry = otel.instrumentor._state.registry
     misnamed: list[tuple[str, str]] = []
     errors: list[BaseException] = []
 

@@ -48,7 +48,7 @@ class _Spy:
 def test_gc_finalizers_never_call_the_sdk(otel, make_sync_engine):
     engine = make_sync_engine(pool_logging_name="gcdead")
     otel.instrument(engines=[engine], session_spans="all")
-    telemetry = otel.instrumentor._state[0].telemetry
+    telemetry = otel.instrumentor._state.telemetry
     in_gc, violations = [False], []
 
     def watch(phase, info):

@@ -38,7 +38,9 @@ from sqlalchemy.pool import (
 )
 from sqlalchemy.pool.base import _ConnectionRecord
 
-from opentelemetry.instrumentation.sqlalchemy_pool import SQLAlchemyPoolInstrumentor, pools
+from opentelemetry.instrumentation.sqlalchemy_pool import SQLAlchemyPoolInstrumentor
+from opentelemetry.instrumentation.sqlalchemy_pool.hooks import Listen, set_application_name
+from opentelemetry.instrumentation.sqlalchemy_pool.recorder import pool_records
 
 from .conftest import counter, gauges
 
@@ -602,8 +604,11 @@ def test_uninstrument_leaves_nothing_behind(otel, hook_errors, make_sync_engine)
     engine = make_sync_engine(pool_size=2, pool_logging_name="uninst")
     creator_before = engine.pool.__dict__.get("_invoke_creator")
     otel.instrument(session_spans="all", set_application_name=True, leak_threshold_s=1)
-    registry, sessions, _leaks, _pg = otel.instrumentor._state
-    installed = [*registry.installed_listeners(), *sessions._listeners]
+    installed = [
+        (e.target, e.name, e.fn)
+        for e in otel.instrumentor._state.hooks.installed()
+        if isinstance(e, Listen)
+    ]
     assert installed
     for target, name, fn in installed:
         assert event.contains(target, name, fn)
@@ -623,9 +628,7 @@ def test_uninstrument_leaves_nothing_behind(otel, hook_errors, make_sync_engine)
 
     for target, name, fn in installed:
         assert not event.contains(target, name, fn), (target, name)
-    from opentelemetry.instrumentation.sqlalchemy_pool import _set_application_name
-
-    assert not event.contains(Engine, "do_connect", _set_application_name)
+    assert not event.contains(Engine, "do_connect", set_application_name)
     for (cls, method), original in originals.items():
         assert cls.__dict__[method] is original, (cls, method)
     assert {cls: cls.__dict__.get("_do_get") for cls in _all_pool_classes()} == pool_methods
@@ -635,7 +638,7 @@ def test_uninstrument_leaves_nothing_behind(otel, hook_errors, make_sync_engine)
     assert _our_listeners(Session().dispatch, SESSION_EVENTS) == []
     assert engine.pool.__dict__.get("_invoke_creator") is creator_before
     assert not [k for k in engine.pool.__dict__ if k.startswith("_otel")]
-    for record in pools._pool_records(engine.pool):
+    for record in pool_records(engine.pool):
         assert not [k for k in record.__dict__ if k.startswith("_otel")]
     assert not [t.name for t in threading.enumerate() if t.name.startswith("otel-sqlalchemy-pool")]
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Collection
+from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
@@ -43,12 +44,14 @@ from opentelemetry.metrics import get_meter
 
 from opentelemetry import trace
 
-from .config import OPTIONS, Config, load_config
+from .config import OPTIONS, load_config
 from .holders import HolderForensics, holders
+from .hooks import Hooks, creator_closure
 from .leaks import LeakDetector
-from .metrics import telemetry_for, watch_gc
+from .metrics import Telemetry, telemetry_for
 from .package import _instruments
-from .pools import PoolRecorder, PoolRegistry
+from .pg_activity import PgActivitySamplers
+from .pools import PoolRegistry
 from .sessions import SessionTracking
 from .version import __version__
 from .wait import WaitTimer
@@ -59,10 +62,23 @@ _logger = logging.getLogger(__name__)
 _SCHEMA_URL = "https://opentelemetry.io/schemas/1.26.0"
 
 
+@dataclass(frozen=True)
+class Installed:
+    """The parts of one instrument() run (what uninstrument() stops)."""
+
+    registry: PoolRegistry
+    telemetry: Telemetry
+    leaks: LeakDetector
+    sessions: SessionTracking
+    hooks: Hooks
+    pg_activity: PgActivitySamplers | None
+
+
 class SQLAlchemyPoolInstrumentor(BaseInstrumentor):
     """Instrument SQLAlchemy connection pools (see the module docstring)."""
 
     _state_lock = threading.Lock()
+    _state: Installed | None = None
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return _instruments
@@ -74,54 +90,33 @@ class SQLAlchemyPoolInstrumentor(BaseInstrumentor):
         meter = get_meter(__name__, __version__, meter_provider, schema_url=_SCHEMA_URL)
         tracer = trace.get_tracer(__name__, __version__, tracer_provider, schema_url=_SCHEMA_URL)
         engines = _engines_from(kwargs)
-        registry_box: list[PoolRegistry] = []
 
-        def recorders() -> list[PoolRecorder]:
-            return registry_box[0].recorders() if registry_box else []
-
-        telemetry = telemetry_for(meter)
-        telemetry.bind(recorders)
-        leaks = LeakDetector(config, telemetry, recorders)
-        forensics = HolderForensics(config)
-        waits = WaitTimer(config, telemetry, tracer, forensics)
-        registry = PoolRegistry(config, telemetry, leaks, waits.wrap)
-        registry_box.append(registry)
-
+        # Built in dependency order; data flows hooks -> recorders -> instruments and spans.
+        pg = PgActivitySamplers(config) if config.pg_activity else None
+        registry = PoolRegistry(config, creator_closure, [pg] if pg is not None else [])
+        telemetry = telemetry_for(meter, registry.recorders, pg.items if pg is not None else list)
+        leaks = LeakDetector(config, telemetry, registry.recorders)
         # Session tracking always runs (it feeds held-idle time and leak flags); the
         # session_spans option only decides which sessions become spans.
-        sessions = SessionTracking(config, telemetry, leaks, tracer, registry)
-        registry.sessions = sessions
-        telemetry.release_hooks.append(sessions.on_release)
-        telemetry.release_hooks.append(leaks.on_release)
-
-        pg = _PgActivity(config) if config.pg_activity else None
-        if pg is not None:
-            telemetry.pg_samplers = lambda: list(pg.samplers.items())
-            registry.on_new_recorder.append(pg.add)
-        if config.set_application_name:
-            registry.on_new_recorder.append(_ApplicationName.enable)
+        sessions = SessionTracking(config, leaks, tracer)
+        waits = WaitTimer(config, telemetry, tracer, HolderForensics(config))
+        hooks = Hooks(config, registry, telemetry, waits, sessions, leaks)
 
         with self._state_lock:
-            registry.install(engines)
-            sessions.install()
+            hooks.install(engines)
             leaks.start()
-            watch_gc(True)
-        self._state = (registry, sessions, leaks, pg)
+        self._state = Installed(registry, telemetry, leaks, sessions, hooks, pg)
 
     def _uninstrument(self, **kwargs: Any) -> None:
-        state = getattr(self, "_state", None)
+        state = self._state
         if state is None:
             return
-        registry, sessions, leaks, pg = state
         with self._state_lock:
-            watch_gc(False)
-            leaks.stop()
-            registry.telemetry.drain()  # what garbage collections queued
-            sessions.uninstall()
-            if pg is not None:
-                pg.stop()
-            _ApplicationName.disable()
-            registry.uninstall()
+            state.leaks.stop()
+            state.hooks.uninstall()
+            state.telemetry.drain()  # what garbage collections queued
+            if state.pg_activity is not None:
+                state.pg_activity.stop()
         self._state = None
 
 
@@ -170,68 +165,3 @@ def _provider(kwargs: dict[str, Any], argument: str, method: str) -> Any:
         )
         return None
     return provider
-
-
-class _PgActivity:
-    """One pg_stat_activity sampler per PostgreSQL pool (own connection, own thread)."""
-
-    def __init__(self, config: Config):
-        self.config = config
-        self.samplers: dict[str, Any] = {}
-
-    def add(self, recorder: PoolRecorder, pool: Any, url: Any) -> None:
-        from .pg_activity import PgActivitySampler, application_name_for
-        from .pools import url_from_pool
-
-        url = url or url_from_pool(pool)
-        if url is None or url.get_backend_name() != "postgresql":
-            return
-        names = {application_name_for(recorder.name)} if self.config.set_application_name else None
-        sampler = PgActivitySampler(
-            url, application_names=names, interval_s=self.config.pg_activity_interval_s
-        )
-        sampler.start()
-        self.samplers[recorder.name] = sampler
-
-    def stop(self) -> None:
-        for sampler in self.samplers.values():
-            sampler.stop()
-        self.samplers.clear()
-
-
-class _ApplicationName:
-    """Sets application_name per pool at connect time, so server rows map to pools."""
-
-    _enabled = False
-
-    @classmethod
-    def enable(cls, recorder: PoolRecorder, pool: Any, url: Any) -> None:
-        if cls._enabled:
-            return
-        from sqlalchemy import event
-        from sqlalchemy.engine import Engine
-
-        event.listen(Engine, "do_connect", _set_application_name)
-        cls._enabled = True
-
-    @classmethod
-    def disable(cls) -> None:
-        if not cls._enabled:
-            return
-        from sqlalchemy import event
-        from sqlalchemy.engine import Engine
-
-        event.remove(Engine, "do_connect", _set_application_name)
-        cls._enabled = False
-
-
-def _set_application_name(dialect: Any, record: Any, cargs: Any, cparams: Any) -> None:
-    try:
-        from .pg_activity import application_name_for, apply_application_name
-        from .pools import recorder_of
-
-        recorder = recorder_of(record) if record is not None else None
-        if recorder is not None and dialect.name == "postgresql":
-            apply_application_name(dialect.driver, cparams, application_name_for(recorder.name))
-    except Exception:
-        _logger.debug("could not set application_name", exc_info=True)

@@ -18,7 +18,8 @@ from opentelemetry import trace
 
 from . import semconv
 from .config import Config
-from .pools import POOL_RECORDER_ATTR, Hold, PoolRecorder
+from .pools import PoolRegistry
+from .recorder import POOL_RECORDER_ATTR, Hold, PoolRecorder
 
 _logger = logging.getLogger("opentelemetry.instrumentation.sqlalchemy_pool")
 
@@ -87,12 +88,9 @@ def holders(pool_or_engine: Any, limit: int | None = None) -> list[dict[str, Any
 
 def all_holders(limit: int | None = None) -> dict[str, list[dict[str, Any]]]:
     """Holders of every instrumented pool, by pool name."""
-    from . import SQLAlchemyPoolInstrumentor
-
-    state = getattr(SQLAlchemyPoolInstrumentor(), "_state", None)
-    if not state:
+    registry = PoolRegistry.installed
+    if registry is None:
         return {}
-    registry = state[0]
     return {recorder.name: snapshot(recorder, limit) for recorder in registry.recorders()}
 
 
@@ -126,6 +124,8 @@ def make_asgi_app(limit: int | None = 20) -> HoldersASGIApp:
 
 
 class HolderForensics:
+    """What wait spans and timeout logs say about the holders (rare paths only)."""
+
     def __init__(self, config: Config):
         self.config = config
 

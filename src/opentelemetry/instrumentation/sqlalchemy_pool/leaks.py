@@ -20,7 +20,8 @@ from opentelemetry import trace
 
 from . import semconv
 from .config import Config
-from .pools import Hold, PoolRecorder
+from .metrics import Telemetry
+from .recorder import Hold, PoolRecorder
 
 _logger = logging.getLogger("opentelemetry.instrumentation.sqlalchemy_pool")
 
@@ -33,8 +34,13 @@ def _site_text(hold: Hold) -> str:
 
 
 class LeakDetector:
+    """Reports leaks; a release listener (``on_release``) of the hooks."""
+
     def __init__(
-        self, config: Config, telemetry: Any, recorders: Callable[[], Iterable[PoolRecorder]]
+        self,
+        config: Config,
+        telemetry: Telemetry,
+        recorders: Callable[[], Iterable[PoolRecorder]],
     ):
         self.config = config
         self.telemetry = telemetry
@@ -111,7 +117,7 @@ class LeakDetector:
         )
 
     # -- reactions called by the pool hooks ---------------------------------------------------
-    def on_release(self, record: Any, hold: Hold, now: float, detached: bool) -> None:
+    def on_release(self, hold: Hold, now: float, detached: bool) -> None:
         if hold.leak_reported:
             _logger.info(
                 "pool %r: connection reported as held too long was returned after %.1fs (%s)",
@@ -120,7 +126,7 @@ class LeakDetector:
                 _site_text(hold),
             )
 
-    def garbage_collected(self, record: Any, hold: Hold) -> None:
+    def garbage_collected(self, hold: Hold) -> None:
         self.telemetry.leak(hold.recorder, semconv.LEAK_KIND_GARBAGE_COLLECTED)
         if hold.session is not None:
             hold.session.garbage_collected = True
@@ -136,7 +142,7 @@ class LeakDetector:
             _site_text(hold),
         )
 
-    def open_transaction_at_checkin(self, record: Any, hold: Hold) -> None:
+    def open_transaction_at_checkin(self, hold: Hold) -> None:
         self.telemetry.leak(hold.recorder, semconv.LEAK_KIND_OPEN_TRANSACTION_AT_CHECKIN)
         self._warn(
             hold.recorder,

@@ -7,7 +7,6 @@ recorded on the hot path, in the caller's context, so exemplars point at the rig
 
 from __future__ import annotations
 
-import gc
 import logging
 import weakref
 from collections import deque
@@ -17,7 +16,8 @@ from typing import Any
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from . import semconv
-from .pools import Hold, PoolRecorder
+from .pg_activity import SamplersProvider, observe
+from .recorder import Hold, PoolRecorder, gc_collecting
 
 _logger = logging.getLogger(__name__)
 
@@ -26,37 +26,22 @@ _logger = logging.getLogger(__name__)
 # the semantic conventions require. Shares computed from sums are off by < 1 ms per checkout.
 HELD_IDLE_MIN_S = 0.001
 
-ReleaseHook = Callable[[Any, Hold, float, bool], None]
-
-
-# True while the cyclic garbage collector runs. Finalizers of leaked connections run inside
-# it, possibly in the middle of the OTel SDK's own (non-reentrant) locked code: calling the
-# SDK from there can deadlock. Such work is queued and done at the next safe point.
-gc_collecting = [False]
-
-
-def _on_gc(phase: str, info: dict[str, Any]) -> None:
-    gc_collecting[0] = phase == "start"
-
-
-def watch_gc(enable: bool) -> None:
-    if enable and _on_gc not in gc.callbacks:
-        gc.callbacks.append(_on_gc)
-    elif not enable and _on_gc in gc.callbacks:
-        gc.callbacks.remove(_on_gc)
-        gc_collecting[0] = False
-
-
 _by_meter: weakref.WeakKeyDictionary[Meter, Telemetry] = weakref.WeakKeyDictionary()
 
 
-def telemetry_for(meter: Meter) -> Telemetry:
-    """One Telemetry per meter: the SDK keeps the first instrument registered under a name,
-    so instrument() after uninstrument() must reuse the instruments and swap their source."""
+def telemetry_for(
+    meter: Meter,
+    recorders: Callable[[], Iterable[PoolRecorder]],
+    pg_samplers: SamplersProvider = list,
+) -> Telemetry:
+    """The instruments of ``meter`` reading ``recorders`` (and the pg_stat_activity samplers).
+
+    One Telemetry per meter: the SDK keeps the first instrument registered under a name, so
+    instrument() after uninstrument() reuses the instruments and swaps their sources."""
     telemetry = _by_meter.get(meter)
     if telemetry is None:
         telemetry = _by_meter[meter] = Telemetry(meter)
-    telemetry.reset()
+    telemetry.reset(recorders, pg_samplers)
     return telemetry
 
 
@@ -64,7 +49,7 @@ class Telemetry:
     """The instruments, plus the few reactions that only record (no decisions)."""
 
     def __init__(self, meter: Meter):
-        self.reset()
+        self.reset(list, list)
         buckets = list(semconv.DURATION_BUCKETS)
 
         def histogram(name: str, description: str) -> Any:
@@ -155,22 +140,17 @@ class Telemetry:
             description="1 when an AsyncSession on this pool was created with "
             "expire_on_commit=True.",
         )
-        from .pg_activity import observe
-
-        observe(meter, lambda: self.pg_samplers())
+        observe(meter, lambda: self._pg_samplers())
         self._count_attrs: dict[tuple[str, str, str], dict[str, Any]] = {}
 
-    def reset(self) -> None:
-        """Detach from the previous instrument() run (see telemetry_for)."""
-        self._recorders: Callable[[], Iterable[PoolRecorder]] = list
-        self.pg_samplers: Callable[[], Iterable[tuple[str, Any]]] = list
-        # Hooks run when a checkout ends (sessions, leak reports), set by the instrumentor.
-        self.release_hooks: list[ReleaseHook] = []
-        # Work that reached us inside a garbage collection (see gc_collecting).
-        self.deferred: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
-
-    def bind(self, recorders: Callable[[], Iterable[PoolRecorder]]) -> None:
+    def reset(
+        self, recorders: Callable[[], Iterable[PoolRecorder]], pg_samplers: SamplersProvider
+    ) -> None:
+        """Read these sources from now on, and forget the previous run's queue."""
         self._recorders = recorders
+        self._pg_samplers = pg_samplers
+        # Work that reached us inside a garbage collection (see recorder.gc_collecting).
+        self.deferred: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
 
     # -- observable callbacks -----------------------------------------------------------------
     def _observe_count(self, options: CallbackOptions) -> Iterable[Observation]:
@@ -228,16 +208,9 @@ class Telemetry:
             except Exception:
                 _logger.debug("deferred telemetry failed", exc_info=True)
 
-    def release(self, record: Any, hold: Hold, now: float, detached: bool = False) -> None:
-        """A checkout ended (invalidation, detach or garbage collection; the checkin wrapper
-        in ``pools.py`` does the same inline)."""
-        hold.recorder.holders.pop(record, None)  # "used" is exact immediately
-        if gc_collecting[0] or self.deferred:
-            self.run_or_defer(self.record_release, hold, now, detached)
-        else:
-            self.record_release(hold, now, detached)
-
-    def record_release(self, hold: Hold, now: float, detached: bool = False) -> None:
+    def record_release(self, hold: Hold, now: float) -> None:
+        """use_time and held_idle_time of a checkout that ended (the release listeners are
+        called by the hooks, see Hooks.release)."""
         recorder = hold.recorder
         attrs = recorder.attrs
         request = hold.request
@@ -250,11 +223,6 @@ class Telemetry:
             idle = hold.idle_s(now)
             if idle >= HELD_IDLE_MIN_S:
                 self.held_idle_time.record(idle, attrs)
-        # The hooks (session periods, "returned after a long hold" logs) only concern holds
-        # owned by a Session or already reported; the common checkin skips the calls.
-        if hold.session is not None or hold.leak_reported:
-            for hook in self.release_hooks:
-                hook(None, hold, now, detached)
 
     def closed(self, recorder: PoolRecorder, reason: str) -> None:
         self._count("closes", semconv.CLOSE_REASON, recorder, reason)

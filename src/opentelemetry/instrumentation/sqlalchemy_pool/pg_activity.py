@@ -38,7 +38,10 @@ from typing import Any, Protocol, TypeVar
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.pool import Pool
 
+from .config import Config
+from .recorder import PoolRecorder
 from .semconv import (
     PG_BACKENDS,
     PG_MAX_CONNECTIONS,
@@ -59,6 +62,7 @@ __all__ = [
     "STATE_UNKNOWN",
     "IdleInTransactionSession",
     "PgActivitySampler",
+    "PgActivitySamplers",
     "PgActivitySnapshot",
     "application_name_for",
     "apply_application_name",
@@ -132,7 +136,7 @@ _LIBPQ_KEYWORDS = frozenset(
 )
 _SSL_MODES = frozenset({"disable", "allow", "prefer", "require", "verify-ca", "verify-full"})
 
-_ACTIVITY_SQL = """
+_ACTIVITY_SQL = f"""
 SELECT pid,
        application_name,
        state,
@@ -149,7 +153,7 @@ SELECT pid,
        END AS query_age,
        EXTRACT(EPOCH FROM statement_timestamp() - state_change)::float8 AS state_age,
        CASE WHEN state IN ('idle in transaction', 'idle in transaction (aborted)')
-            THEN left(query, 200)
+            THEN left(query, {QUERY_TEXT_LIMIT})
        END AS query,
        usename,
        datname,
@@ -813,6 +817,33 @@ def _fresh_snapshots(
             continue
         out.append((pool_name, snapshot))
     return out
+
+
+class PgActivitySamplers:
+    """One sampler per PostgreSQL pool (a new-pool listener of the registry)."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self._samplers: dict[str, PgActivitySampler] = {}
+
+    def on_new_pool(self, recorder: PoolRecorder, pool: Pool, url: URL | None) -> None:
+        if url is None or url.get_backend_name() != "postgresql":
+            return
+        names = {application_name_for(recorder.name)} if self.config.set_application_name else None
+        sampler = PgActivitySampler(
+            url, application_names=names, interval_s=self.config.pg_activity_interval_s
+        )
+        sampler.start()
+        self._samplers[recorder.name] = sampler
+
+    def items(self) -> list[tuple[str, PgActivitySampler]]:
+        """(pool name, sampler) pairs: the ``SamplersProvider`` of :func:`observe`."""
+        return list(self._samplers.items())
+
+    def stop(self) -> None:
+        for sampler in self._samplers.values():
+            sampler.stop()
+        self._samplers.clear()
 
 
 def observe(meter: Meter, samplers_provider: SamplersProvider) -> None:

@@ -6,10 +6,14 @@ its last connection; each period can become one ``sqlalchemy.session`` span, bui
 end (with the start time and parent captured at its start), so sessions that are not emitted
 cost no span at all.
 
+The hooks (``hooks.py``) call in: ``on_begin`` from the Session ``after_begin`` listener,
+``on_statement`` from the statement hook, ``on_release`` when a session's connection is
+returned, ``request_finished`` from the Starlette shim.
+
 Outlived response -- the reliable signal. Starlette sends the response and then runs
-BackgroundTasks inside the same ASGI call, so "the server span ended" proves nothing. We wrap
-``Starlette.__call__`` (FastAPI included) with a tiny ASGI shim that marks the moment the final
-body chunk was sent, in a per-request state object carried by a contextvar (so it follows
+BackgroundTasks inside the same ASGI call, so "the server span ended" proves nothing. The
+``Starlette.__call__`` shim (FastAPI included) marks the moment the final body chunk was sent,
+in a :class:`RequestState` carried by the :data:`request_state` contextvar (so it follows
 ``asyncio.create_task`` copies too). A session *created before* that moment is flagged when it:
 (a) takes a connection after the response was sent, (b) runs a statement after it, or (c) still
 holds a connection when the request's ASGI call returns. A session created after the response
@@ -27,7 +31,6 @@ from time import perf_counter
 from typing import Any
 
 from opentelemetry.trace import Tracer
-from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from opentelemetry import context as otel_context
@@ -35,11 +38,10 @@ from opentelemetry import context as otel_context
 from . import semconv
 from .codesite import CodeSite, find_code_site
 from .config import SESSION_SPANS_ALL, SESSION_SPANS_NONE, Config
-from .pools import HOLD_ATTR, Hold, PoolRecorder, _log_hook_error
+from .leaks import LeakDetector
+from .recorder import TRACKER_ATTR, Hold, PoolRecorder, log_hook_error
 
 _logger = logging.getLogger(__name__)
-
-TRACKER_ATTR = "_otel_sqlalchemy_pool_session"
 
 
 class RequestState:
@@ -61,14 +63,10 @@ class RequestState:
         return path if isinstance(path, str) else None
 
 
-_request_state: contextvars.ContextVar[RequestState | None] = contextvars.ContextVar(
+# The current HTTP request (set by the Starlette shim in hooks.py).
+request_state: contextvars.ContextVar[RequestState | None] = contextvars.ContextVar(
     "otel_sqlalchemy_pool_request", default=None
 )
-
-
-def current_request_getter() -> Callable[[], RequestState | None]:
-    """The current request's state (or None), as a bound method for the checkout hot path."""
-    return _request_state.get
 
 
 class SessionTracker:
@@ -126,77 +124,20 @@ class SessionTracker:
 
 
 class SessionTracking:
-    """Session event listeners, the ASGI shim and session spans."""
+    """Session trackers and session spans; a release listener (``on_release``) of the hooks."""
 
-    def __init__(self, config: Config, telemetry: Any, leaks: Any, tracer: Tracer, registry: Any):
+    def __init__(self, config: Config, leaks: LeakDetector, tracer: Tracer):
         self.config = config
-        self.registry = registry  # pools.PoolRegistry: statement timing per engine
-        self.telemetry = telemetry
         self.leaks = leaks
         self.tracer = tracer
-        self._listeners: list[tuple[Any, str, Any]] = []
-        self._patched_asgi: tuple[type, Any] | None = None
 
-    # -- install ------------------------------------------------------------------------------
-    def install(self) -> None:
-        for name, fn in (
-            ("after_begin", self._after_begin),
-            ("after_commit", self._after_commit),
-            ("after_rollback", self._after_rollback),
-        ):
-            event.listen(Session, name, fn)
-            self._listeners.append((Session, name, fn))
-        self._patch_starlette()
-
-    def uninstall(self) -> None:
-        for target, name, fn in self._listeners:
-            if event.contains(target, name, fn):
-                event.remove(target, name, fn)
-        self._listeners.clear()
-        if self._patched_asgi is not None:
-            cls, original = self._patched_asgi
-            cls.__call__ = original
-            self._patched_asgi = None
-
-    def _patch_starlette(self) -> None:
-        try:
-            from starlette.applications import Starlette
-        except ImportError:
-            return
-        original = Starlette.__call__
-        if getattr(original, "_otel_sqlalchemy_pool", False):
-            return
-        tracking = self
-
-        async def __call__(app: Any, scope: Any, receive: Any, send: Any) -> None:
-            if scope.get("type") != "http" or _request_state.get() is not None:
-                await original(app, scope, receive, send)
-                return
-            state = RequestState(scope)
-            token = _request_state.set(state)
-
-            async def send_marking_response(message: Any) -> None:
-                await send(message)
-                if message.get("type") == "http.response.body" and not message.get("more_body"):
-                    state.response_sent_at = perf_counter()
-
-            try:
-                await original(app, scope, receive, send_marking_response)
-            finally:
-                _request_state.reset(token)
-                tracking._request_finished(state)
-
-        __call__._otel_sqlalchemy_pool = True  # type: ignore[attr-defined]
-        __call__.__wrapped__ = original  # type: ignore[attr-defined]
-        Starlette.__call__ = __call__  # type: ignore[method-assign]
-        self._patched_asgi = (Starlette, original)
-
-    # -- session events -----------------------------------------------------------------------
-    def _after_begin(self, session: Session, transaction: Any, connection: Any) -> None:
+    # -- session events (registered by hooks.py) ----------------------------------------------
+    def on_begin(self, session: Session, hold: Hold | None) -> None:
+        """A Session began a transaction on a connection (``hold``: its checkout, if ours)."""
         try:
             tracker = session.__dict__.get(TRACKER_ATTR)
             if tracker is None:
-                tracker = SessionTracker(session, _request_state.get())
+                tracker = SessionTracker(session, request_state.get())
                 tracker.async_ = _is_async(session)
                 session.__dict__[TRACKER_ATTR] = tracker
                 request = tracker.request
@@ -205,11 +146,8 @@ class SessionTracking:
                         request.trackers = [tracker]
                     else:
                         request.trackers.append(tracker)
-            hold = _hold_of_connection(connection)
             if hold is None:
                 return
-            if not hold.recorder.statements_timed:
-                self.registry.time_statements(connection.engine)
             if hold.session is tracker:
                 tracker.transactions += 1
                 return
@@ -231,14 +169,14 @@ class SessionTracking:
             tracker.holding += 1
             tracker.transactions += 1
         except Exception:
-            _log_hook_error("session after_begin")
+            log_hook_error("session after_begin")
 
-    def _after_commit(self, session: Session) -> None:
+    def after_commit(self, session: Session) -> None:
         tracker = session.__dict__.get(TRACKER_ATTR)
         if tracker is not None:
             tracker.outcome = semconv.OUTCOME_COMMIT
 
-    def _after_rollback(self, session: Session) -> None:
+    def after_rollback(self, session: Session) -> None:
         tracker = session.__dict__.get(TRACKER_ATTR)
         if tracker is not None:
             tracker.outcome = semconv.OUTCOME_ROLLBACK
@@ -249,7 +187,7 @@ class SessionTracking:
         if tracker is not None and not tracker.flagged_outlived and tracker.after_response():
             self._flag_outlived(tracker, "ran a statement")
 
-    def on_release(self, record: Any, hold: Hold, now: float, detached: bool) -> None:
+    def on_release(self, hold: Hold, now: float, detached: bool) -> None:
         tracker = hold.session
         if tracker is None:
             return
@@ -264,9 +202,9 @@ class SessionTracking:
                 tracker.holding = 0
                 self._period_ended(tracker, now)
         except Exception:
-            _log_hook_error("session release")
+            log_hook_error("session release")
 
-    def _request_finished(self, state: RequestState) -> None:
+    def request_finished(self, state: RequestState) -> None:
         state.finished = True
         trackers, state.trackers = state.trackers, None
         try:
@@ -274,7 +212,7 @@ class SessionTracking:
                 if tracker.holding and not tracker.born_after_response:
                     self._flag_outlived(tracker, "still held a connection when the request ended")
         except Exception:
-            _log_hook_error("request end")
+            log_hook_error("request end")
 
     def _flag_outlived(self, tracker: SessionTracker, how: str) -> None:
         if tracker.flagged_outlived or tracker.recorder is None:
@@ -336,12 +274,6 @@ class SessionTracking:
             attributes=attributes,
         )
         span.end(end_time=tracker.start_ns + int(duration * 1e9))
-
-
-def _hold_of_connection(connection: Any) -> Hold | None:
-    fairy = getattr(connection, "_dbapi_connection", None)
-    record = getattr(fairy, "_connection_record", None) if fairy is not None else None
-    return record.__dict__.get(HOLD_ATTR) if record is not None else None
 
 
 def _is_async(session: Session) -> bool:
