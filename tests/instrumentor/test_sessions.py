@@ -15,6 +15,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_asyn
 from tests.uvicorn_thread import UvicornThread
 from tests.waiting import wait_for
 
+from opentelemetry.instrumentation.sqlalchemy_pool import semconv
+
 LEAK = "sqlalchemy.pool.leaks"
 
 
@@ -108,6 +110,7 @@ def test_normal_request_scoped_session(otel, app_server):
     attrs = span.attributes
     assert attrs["sqlalchemy.session.statements"] >= 1
     assert attrs["sqlalchemy.session.outlived_response"] is False
+    assert span.events == ()
     assert attrs["sqlalchemy.session.outcome"] in ("close", "rollback")
     assert attrs["sqlalchemy.session.async"] is True
     assert attrs["http.route"] == "/normal"
@@ -128,6 +131,12 @@ def test_leaky_background_task_is_flagged(otel, app_server, caplog):
         s for s in _session_spans(otel) if s.attributes["sqlalchemy.session.outlived_response"]
     ]
     assert flagged[0].attributes["code.function.name"] == "leaky_background"
+    # The span event the collector's tail sampling keeps traces for, at the moment of the flag.
+    (event,) = flagged[0].events
+    assert event.name == semconv.OUTLIVED_RESPONSE_EVENT
+    assert event.attributes[semconv.OUTLIVED_ACTION] == semconv.OUTLIVED_RAN_STATEMENT
+    assert event.attributes[semconv.POOL_NAME] == "app"
+    assert flagged[0].start_time < event.timestamp < flagged[0].end_time
     assert "after its HTTP response was sent" in caplog.text
     assert "leaky_background" in caplog.text
 
@@ -175,3 +184,6 @@ def test_never_closed_session_outlives_response_and_is_garbage_collected(otel, a
     assert len(gc_spans) == 1
     assert gc_spans[0].attributes["code.function.name"] == "never_closed"
     assert gc_spans[0].attributes["sqlalchemy.session.outlived_response"] is True
+    (event,) = gc_spans[0].events
+    assert event.name == semconv.OUTLIVED_RESPONSE_EVENT
+    assert event.attributes[semconv.OUTLIVED_ACTION] == semconv.OUTLIVED_HELD_AT_REQUEST_END

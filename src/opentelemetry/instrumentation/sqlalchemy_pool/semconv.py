@@ -102,6 +102,11 @@ SESSION_OUTCOME: Final = "sqlalchemy.session.outcome"
 SESSION_HELD_IDLE: Final = "sqlalchemy.session.held_idle"  # seconds, double
 SESSION_OUTLIVED_RESPONSE: Final = "sqlalchemy.session.outlived_response"
 SESSION_ASYNC: Final = "sqlalchemy.session.async"
+# On the OUTLIVED_RESPONSE_EVENT: what the session did after its response was sent.
+OUTLIVED_ACTION: Final = "sqlalchemy.session.outlived_action"
+OUTLIVED_TOOK_CONNECTION: Final = "took_connection"
+OUTLIVED_RAN_STATEMENT: Final = "ran_statement"
+OUTLIVED_HELD_AT_REQUEST_END: Final = "held_at_request_end"
 OUTCOME_COMMIT: Final = "commit"
 OUTCOME_ROLLBACK: Final = "rollback"
 OUTCOME_CLOSE: Final = "close"
@@ -111,6 +116,7 @@ OUTCOME_GARBAGE_COLLECTED: Final = "garbage_collected"
 WAIT_SPAN_NAME: Final = "sqlalchemy.pool.wait"
 SESSION_SPAN_NAME: Final = "sqlalchemy.session"
 LONG_HOLD_EVENT: Final = "sqlalchemy.pool.long_hold"
+# On the session span, at the moment the session was flagged (attribute OUTLIVED_ACTION).
 OUTLIVED_RESPONSE_EVENT: Final = "sqlalchemy.session.outlived_response"
 
 # --- histogram buckets (seconds): 100 µs .. 30 s -----------------------------------------------

@@ -80,6 +80,7 @@ class SessionTracker:
         "holding",
         "idle_s",
         "outcome",
+        "outlived_event",
         "parent_context",
         "recorder",
         "request",
@@ -114,6 +115,8 @@ class SessionTracker:
         self.idle_s = 0.0
         self.outcome: str | None = None
         self.garbage_collected = False
+        # (time_ns, action) when this period flagged the session as outliving its response.
+        self.outlived_event: tuple[int, str] | None = None
 
     def after_response(self) -> bool:
         """True when this request-scoped session is acting after its response was sent."""
@@ -165,7 +168,7 @@ class SessionTracking:
                 elif tracker.async_ and recorder.async_expire_on_commit is None:
                     recorder.async_expire_on_commit = False
                 if tracker.after_response():
-                    self._flag_outlived(tracker, "took a new connection")
+                    self._flag_outlived(tracker, semconv.OUTLIVED_TOOK_CONNECTION)
             tracker.holding += 1
             tracker.transactions += 1
         except Exception:
@@ -185,7 +188,7 @@ class SessionTracking:
     def on_statement(self, hold: Hold) -> None:
         tracker = hold.session
         if tracker is not None and not tracker.flagged_outlived and tracker.after_response():
-            self._flag_outlived(tracker, "ran a statement")
+            self._flag_outlived(tracker, semconv.OUTLIVED_RAN_STATEMENT)
 
     def on_release(self, hold: Hold, now: float, detached: bool) -> None:
         tracker = hold.session
@@ -210,16 +213,17 @@ class SessionTracking:
         try:
             for tracker in trackers or ():
                 if tracker.holding and not tracker.born_after_response:
-                    self._flag_outlived(tracker, "still held a connection when the request ended")
+                    self._flag_outlived(tracker, semconv.OUTLIVED_HELD_AT_REQUEST_END)
         except Exception:
             log_hook_error("request end")
 
-    def _flag_outlived(self, tracker: SessionTracker, how: str) -> None:
+    def _flag_outlived(self, tracker: SessionTracker, action: str) -> None:
         if tracker.flagged_outlived or tracker.recorder is None:
             return
         tracker.flagged_outlived = True
+        tracker.outlived_event = (time.time_ns(), action)  # an event on the period's span
         site = str(tracker.site) if tracker.site is not None else "unknown code site"
-        self.leaks.outlived_response(tracker.recorder, site, how)
+        self.leaks.outlived_response(tracker.recorder, site, _OUTLIVED_TEXT[action])
 
     # -- spans --------------------------------------------------------------------------------
     def _period_ended(self, tracker: SessionTracker, now: float) -> None:
@@ -273,7 +277,23 @@ class SessionTracking:
             start_time=tracker.start_ns,
             attributes=attributes,
         )
+        if tracker.outlived_event is not None:
+            # What the collector's tail sampling keeps traces for (collector-config/).
+            at_ns, action = tracker.outlived_event
+            span.add_event(
+                semconv.OUTLIVED_RESPONSE_EVENT,
+                {**recorder.attrs, semconv.OUTLIVED_ACTION: action},
+                timestamp=at_ns,
+            )
         span.end(end_time=tracker.start_ns + int(duration * 1e9))
+
+
+# For the log line (leaks.outlived_response): "a request-scoped session <text> after ...".
+_OUTLIVED_TEXT = {
+    semconv.OUTLIVED_TOOK_CONNECTION: "took a new connection",
+    semconv.OUTLIVED_RAN_STATEMENT: "ran a statement",
+    semconv.OUTLIVED_HELD_AT_REQUEST_END: "still held a connection when the request ended",
+}
 
 
 def _is_async(session: Session) -> bool:
