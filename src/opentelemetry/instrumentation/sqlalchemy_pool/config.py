@@ -29,12 +29,17 @@ _STATEMENT_TIMING_MODES = (STATEMENT_TIMING_SESSIONS, STATEMENT_TIMING_ALL, STAT
 
 @dataclass(frozen=True)
 class Option:
-    """One option: its kwarg name, env var, default and parser (str -> value, raises ValueError)."""
+    """One option: its kwarg name, env var, default and parser (str -> value, raises ValueError).
+
+    ``doc`` is the option's row in the README's option table (markdown), ``shown_default`` its
+    default there when the value itself says too little (tests/test_docs.py keeps them equal).
+    """
 
     name: str
     default: Any
     parse: Callable[[str], Any]
     doc: str
+    shown_default: str = ""
 
     @property
     def env(self) -> str:
@@ -83,36 +88,46 @@ def _pool_name(text: str) -> str:
 
 OPTIONS: tuple[Option, ...] = (
     Option("pool_name", None, _pool_name,
-           "Pool name for db.client.connection.pool.name "
-           "(default: logging_name, else host:port/db)"),
+           '`db.client.connection.pool.name`; a callable `(pool) -> str` as kwarg. Never contains '
+           'credentials; a second pool with the same name gets `#2`',
+           shown_default="pool's `logging_name`, else `host:port/database`"),
     Option("wait_span_threshold_ms", 100.0, _non_negative_float,
-           "Emit a sqlalchemy.pool.wait span when a checkout waits at least this long (ms); "
-           "timeouts always get one"),
+           'a checkout that waited at least this long gets a `sqlalchemy.pool.wait` span; timeouts '
+           'always do'),
     Option("wait_spans_per_s", 10.0, _non_negative_float,
-           "At most this many slow-wait spans per second per pool (0 = no limit); timeouts "
-           "always get one, the next span counts the waits left without one"),
+           'at most this many slow-wait spans per second per pool (`0` = no limit): at saturation '
+           'most checkouts cross the threshold, a few spans per second show the picture. Timeouts '
+           'always get a span; the next span carries `sqlalchemy.pool.waits_without_span`. '
+           '`wait_time` records every checkout regardless'),
     Option("session_spans", SESSION_SPANS_ANOMALIES, _one_of(*_SESSION_SPAN_MODES),
-           "Session spans: all | anomalies (slow or flagged) | none; "
-           "metrics are recorded either way"),
+           '`all`, `anomalies` (held ≥ threshold, outlived its response, or garbage collected) or '
+           '`none`; metrics are recorded either way'),
     Option("session_span_threshold_ms", 1000.0, _non_negative_float,
-           "In 'anomalies' mode, also emit session spans that held a connection this long (ms)"),
+           'the duration that makes a session an anomaly'),
     Option("statement_timing", STATEMENT_TIMING_SESSIONS, _one_of(*_STATEMENT_TIMING_MODES),
-           "Time statements (held-idle time, open-transaction checks): sessions (engines a "
-           "Session uses) | all (every engine; a few us per checkout) | off"),
+           'which engines have their statements timed (held-idle time, statement counts on '
+           'holders, open-transaction-at-checkin check): `sessions` = an engine from the moment a '
+           '`Session`/`AsyncSession` first uses it, `all` = every engine (Core-only apps), `off` = '
+           'none (and no statement wrapper at all). Statements are timed by a wrapper of '
+           '`Connection._execute_context`; the open-transaction check is a wrapper of '
+           '`_ConnectionFairy._reset`, installed with the first timed engine (no pool event '
+           'listener on the hot path)'),
     Option("leak_threshold_s", 30.0, _non_negative_float,
-           "Report a connection checked out longer than this (s) while still held; 0 turns it off"),
+           'report a connection still checked out after this long (`0` = off). 30 s is above any '
+           'sane request timeout, so it only fires on real leaks and stuck work'),
     Option("capture_code_site", True, _bool,
-           "Remember where each connection/session was taken (code.* attributes, leak reports)"),
+           'remember the first user frame (outside SQLAlchemy, this package, FastAPI/Starlette, '
+           'asyncio, stdlib) that took each connection/session'),
     Option("holders_limit", 5, _positive_int,
-           "How many of the oldest holders a wait span links to"),
+           'how many of the oldest holders a wait span links to'),
     Option("holders_log_interval_s", 60.0, _non_negative_float,
-           "At most one holders WARNING log per pool per this many seconds"),
+           'at most one "who holds the pool" WARNING per pool per interval'),
     Option("pg_activity", False, _bool,
-           "Sample pg_stat_activity on a dedicated connection (PostgreSQL only)"),
+           'sample `pg_stat_activity` for PostgreSQL pools on a dedicated connection and thread'),
     Option("pg_activity_interval_s", 15.0, _non_negative_float,
-           "Seconds between pg_stat_activity samples"),
+           'seconds between samples'),
     Option("set_application_name", False, _bool,
-           "Set application_name per pool so pg_stat_activity rows map to pools"),
+           'set `application_name` per pool at connect, so server rows map to pools'),
 )  # fmt: skip
 
 OPTIONS_BY_NAME: Mapping[str, Option] = {option.name: option for option in OPTIONS}
