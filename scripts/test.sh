@@ -42,10 +42,10 @@ echo "== ruff"
 echo "== pytest (SQLAlchemy $("$PYTHON" -c 'import sqlalchemy; print(sqlalchemy.__version__)'))"
 "$PYTHON" -m pytest -q -p no:cacheprovider "$@"
 
-# SQLAlchemy 2.0 in a throw-away venv layered over the same site-packages.
+# SQLAlchemy 2.0 in a throw-away venv layered over $PYTHON's packages (a user's virtualenv
+# included: scripts/layered-venv.sh), with only SQLAlchemy 2.0 installed in it.
 venv=$(mktemp -d /tmp/sqla20-venv.XXXXXX)
 trap 'rm -rf "$venv"' EXIT
-"$PYTHON" -m venv --system-site-packages "$venv"
-"$venv/bin/python" -m pip install -q --disable-pip-version-check 'sqlalchemy[asyncio]>=2.0,<2.1'
+PYTHON=$PYTHON bash scripts/layered-venv.sh "$venv" 'sqlalchemy[asyncio]>=2.0,<2.1'
 echo "== pytest instrumentor suite (SQLAlchemy $("$venv/bin/python" -c 'import sqlalchemy; print(sqlalchemy.__version__)'))"
 "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/instrumentor tests/test_pg_activity.py

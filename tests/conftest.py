@@ -6,6 +6,9 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import URL
 
+# What every suite is about: when it cannot be imported, the whole run errors here instead
+# of any test skipping over it.
+import opentelemetry.instrumentation.sqlalchemy_pool  # noqa: F401
 from sqlalchemy_pool_tools.pg import create_database, database_url, with_driver
 
 

@@ -119,8 +119,13 @@ def test_idle_in_transaction_is_seen_in_both_scopes(sync_url: URL, sampler_facto
             age = snap.oldest_transaction_age_s[scope]
             assert age is not None and age >= 0.25
         assert snap.total_backends >= 1
-        assert snap.max_connections is not None and snap.max_connections > 0
-        assert snap.reserved_connections is not None and snap.reserved_connections >= 0
+        with _connect(sync_url, _unique("settings")) as other:
+            settings = other.execute(
+                "SELECT current_setting('max_connections')::int, "
+                "current_setting('superuser_reserved_connections')::int"
+                " + current_setting('reserved_connections')::int"
+            ).fetchone()
+        assert (snap.max_connections, snap.reserved_connections) == settings
         assert snap.database == sync_url.database
 
         [session] = [s for s in snap.idle_in_transaction if s.pid == conn.info.backend_pid]
