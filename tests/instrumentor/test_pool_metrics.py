@@ -118,10 +118,11 @@ def test_fast_checkouts_create_no_span_and_record_histograms(otel, make_sync_eng
     with engine.connect() as conn:
         conn.execute(sa.text("select 1"))
         time.sleep(0.02)  # holding the connection while doing something else
-        conn.execute(sa.text("select pg_sleep(0.05)"))
+        conn.execute(sa.text("select pg_sleep(0.3)"))
     (held_idle,) = otel.points("sqlalchemy.pool.connection.held_idle_time")
     assert held_idle.count == count_before + 1
-    assert 0.02 <= held_idle.sum - sum_before < 0.05  # the pg_sleep was busy time, not idle
+    # The 0.3 s pg_sleep was busy time, not idle (the margin absorbs a loaded machine).
+    assert 0.02 <= held_idle.sum - sum_before < 0.25
     assert otel.value("db.client.connection.create_time", **_pool_attr("fast")) == 1
     (wait,) = otel.points("db.client.connection.wait_time")
     assert list(wait.explicit_bounds)[:2] == [0.0001, 0.00025]
