@@ -89,6 +89,7 @@ def test_uninstrument_restores_every_patched_attribute_and_listener(otel, make_s
         ("Connection", "_execute_context"),
         ("_ConnectionFairy", "_reset"),
         ("Starlette", "__call__"),
+        ("BackgroundTask", "__call__"),
     }
     assert {(e.target.__name__, e.name) for e in installed if isinstance(e, Listen)} == {
         ("Pool", "detach"),

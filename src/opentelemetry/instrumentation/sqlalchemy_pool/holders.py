@@ -44,16 +44,17 @@ def describe_hold(hold: Hold, now: float) -> dict[str, Any]:
     """One holder as plain data (no SQL, no parameters, no credentials)."""
     span_context = trace.get_current_span(hold.context).get_span_context() if hold.context else None
     in_tx_idle = hold.idle_s(now) if hold.tx_started else 0.0
+    site = hold.where(now)
     entry: dict[str, Any] = {
         "pool": hold.recorder.name,
         "age_s": round(now - hold.t_out, 6),
         "statements": hold.statements,
         "idle_s": round(hold.idle_s(now), 6),
         "idle_in_transaction_s": round(in_tx_idle, 6),
-        "code_site": str(hold.site) if hold.site else None,
-        "code_function": hold.site.function if hold.site else None,
-        "code_file": hold.site.file if hold.site else None,
-        "code_line": hold.site.line if hold.site else None,
+        "code_site": str(site) if site else None,
+        "code_function": site.function if site else None,
+        "code_file": site.file if site else None,
+        "code_line": site.line if site else None,
         "http_route": hold_route(hold),
         "trace_id": None,
         "span_id": None,
@@ -144,16 +145,17 @@ class HolderForensics:
                 semconv.HOLDER_STATEMENTS: hold.statements,
                 semconv.HOLDER_IDLE_IN_TX: described["idle_in_transaction_s"],
             }
-            if hold.site is not None:
-                attributes[semconv.CODE_FUNCTION] = hold.site.function
-                attributes[semconv.CODE_FILE] = hold.site.file
-                attributes[semconv.CODE_LINE] = hold.site.line
+            if described["code_function"] is not None:
+                attributes[semconv.CODE_FUNCTION] = described["code_function"]
+                attributes[semconv.CODE_FILE] = described["code_file"]
+                attributes[semconv.CODE_LINE] = described["code_line"]
             if described["http_route"]:
                 attributes[semconv.HTTP_ROUTE] = described["http_route"]
             links.append(Link(span_context, attributes))
         summary: dict[str, Any] = {semconv.HOLDERS_COUNT: len(all_holds)}
         if all_holds:
-            sites = Counter(str(h.site) for h in all_holds if h.site is not None)
+            where = [h.where(now) for h in all_holds]
+            sites = Counter(str(site) for site in where if site is not None)
             summary[semconv.HOLDERS_TOP_SITES] = [
                 f"{site} x{n}" for site, n in sites.most_common(3)
             ]

@@ -35,6 +35,7 @@ import inspect
 import logging
 import sys
 import threading
+from asyncio import _get_running_loop, current_task
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from time import perf_counter, time
@@ -51,7 +52,7 @@ from opentelemetry import context as otel_context
 
 from . import semconv
 from .codesite import find_code_site
-from .config import STATEMENT_TIMING_ALL, STATEMENT_TIMING_OFF, Config
+from .config import SESSION_SPANS_ALL, STATEMENT_TIMING_ALL, STATEMENT_TIMING_OFF, Config
 from .leaks import LeakDetector
 from .metrics import Telemetry
 from .pg_activity import application_name_for, apply_application_name
@@ -60,6 +61,7 @@ from .recorder import (
     CLOSE_REASON_ATTR,
     CREATE_TIME_ATTR,
     HOLD_ATTR,
+    NO_SITES,
     POOL_RECORDER_ATTR,
     STAMP_ATTRS,
     Hold,
@@ -171,6 +173,9 @@ class Hooks:
         starlette = _starlette_class()
         if starlette is not None and not _is_ours(starlette.__dict__.get("__call__")):
             entries.append(Patch(starlette, "__call__", self._wrap_asgi))
+            from starlette.background import BackgroundTask
+
+            entries.append(Patch(BackgroundTask, "__call__", self._wrap_background))
         entries.append(GcCallback())
         return entries
 
@@ -241,7 +246,13 @@ class Hooks:
         checkout_fn = original.__func__
         wait_time = self.telemetry.wait_time
         threshold = self.config.wait_span_threshold_s
-        capture_site = self.config.capture_code_site
+        sites = self.config.capture_code_site
+        # Code sites are resolved when someone asks (Hold.where). The walk at checkout is kept
+        # only where nothing could be resolved later: every session span names its site
+        # (session_spans=all), and a plain thread outside any HTTP request or asyncio task
+        # has neither an endpoint nor a meaningful "now" to report.
+        walk_always = sites and self.config.session_spans == SESSION_SPANS_ALL
+        get_ident = threading.get_ident
         get_context = context_getter()
         get_request = request_state.get
         adopt = self.registry.adopt
@@ -282,13 +293,20 @@ class Hooks:
                 if created is not None and created[0] >= start:
                     waited = max(0.0, waited - created[1])
                 wait_time.record(waited, recorder.attrs)
-                hold = Hold(
-                    recorder,
-                    end,
-                    get_context(),
-                    find_code_site(sys._getframe(1)) if capture_site else None,
-                    get_request(),
-                )
+                request = get_request()
+                loop = _get_running_loop()
+                site = None
+                if not sites:
+                    holder: Any = NO_SITES
+                elif loop is not None:
+                    holder = current_task(loop)
+                else:
+                    holder = get_ident()
+                    if request is None:
+                        site = find_code_site(sys._getframe(1))
+                if walk_always and site is None:
+                    site = find_code_site(sys._getframe(1))
+                hold = Hold(recorder, end, get_context(), site, request, holder)
                 record_dict[HOLD_ATTR] = hold
                 recorder.holders[record] = hold
                 if waited >= threshold:
@@ -510,28 +528,39 @@ class Hooks:
 
     def _wrap_asgi(self, original: Callable[..., Any]) -> Callable[..., Any]:
         """``Starlette.__call__`` (FastAPI included): a per-request :class:`RequestState` in a
-        contextvar, marked when the last body chunk was sent."""
+        contextvar, nothing else per request. The response counts as sent when its background
+        tasks start (``_wrap_background``) or, at the latest, when the ASGI call returns."""
         request_finished = self.sessions.request_finished
 
         async def __call__(app: Any, scope: Any, receive: Any, send: Any) -> None:
-            if scope.get("type") != "http" or request_state.get() is not None:
+            if scope["type"] != "http" or request_state.get() is not None:
                 await original(app, scope, receive, send)
                 return
             state = RequestState(scope)
             token = request_state.set(state)
-
-            async def send_marking_response(message: Any) -> None:
-                await send(message)
-                if message.get("type") == "http.response.body" and not message.get("more_body"):
-                    state.response_sent_at = perf_counter()
-
             try:
-                await original(app, scope, receive, send_marking_response)
+                await original(app, scope, receive, send)
             finally:
                 request_state.reset(token)
                 request_finished(state)
 
         __call__._otel_sqlalchemy_pool = True  # type: ignore[attr-defined]
+        __call__.__wrapped__ = original  # type: ignore[attr-defined]
+        return __call__
+
+    @staticmethod
+    def _wrap_background(original: Callable[..., Any]) -> Callable[..., Any]:
+        """``starlette.background.BackgroundTask.__call__``: Starlette runs a response's
+        background tasks right after sending its last body chunk, inside the same ASGI call;
+        from here on the request's sessions act after the response was sent. (Wrapping every
+        request's ``send`` to see that chunk cost each request two extra frames per message.)"""
+
+        async def __call__(task: Any, *args: Any, **kwargs: Any) -> Any:
+            state = request_state.get()
+            if state is not None and not state.response_sent_at:
+                state.response_sent_at = perf_counter()
+            return await original(task, *args, **kwargs)
+
         __call__.__wrapped__ = original  # type: ignore[attr-defined]
         return __call__
 

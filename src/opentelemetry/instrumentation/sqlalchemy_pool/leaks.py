@@ -21,7 +21,7 @@ from opentelemetry import trace
 from . import semconv
 from .config import Config
 from .metrics import Telemetry
-from .recorder import Hold, PoolRecorder
+from .recorder import NO_SITES, Hold, PoolRecorder
 
 _logger = logging.getLogger("opentelemetry.instrumentation.sqlalchemy_pool")
 
@@ -29,8 +29,11 @@ _logger = logging.getLogger("opentelemetry.instrumentation.sqlalchemy_pool")
 _LOG_INTERVAL_S = 60.0
 
 
-def _site_text(hold: Hold) -> str:
-    return str(hold.site) if hold.site is not None else "unknown code site (capture_code_site=off)"
+def _site_text(hold: Hold, live: bool = False) -> str:
+    site = hold.where(perf_counter(), live=live)
+    if site is not None:
+        return str(site)
+    return "unknown code site" + (" (capture_code_site=off)" if hold.holder is NO_SITES else "")
 
 
 class LeakDetector:
@@ -99,21 +102,22 @@ class LeakDetector:
         span = trace.get_current_span(hold.context) if hold.context is not None else None
         if span is not None and span.is_recording():
             attributes: dict[str, Any] = {**recorder.attrs, semconv.HOLDER_AGE: round(age, 3)}
-            if hold.site is not None:
-                attributes[semconv.CODE_FUNCTION] = hold.site.function
-                attributes[semconv.CODE_FILE] = hold.site.file
-                attributes[semconv.CODE_LINE] = hold.site.line
+            site = hold.where(perf_counter())
+            if site is not None:
+                attributes[semconv.CODE_FUNCTION] = site.function
+                attributes[semconv.CODE_FILE] = site.file
+                attributes[semconv.CODE_LINE] = site.line
             span.add_event(semconv.LONG_HOLD_EVENT, attributes)
         self._warn(
             recorder,
             semconv.LEAK_KIND_LONG_HOLD,
             hold,
             "pool %r: connection checked out for %.1fs (leak threshold %.1fs), still held; "
-            "taken at %s",
+            "holder at %s",
             recorder.name,
             age,
             self.config.leak_threshold_s,
-            _site_text(hold),
+            _site_text(hold, live=True),
         )
 
     # -- reactions called by the pool hooks ---------------------------------------------------

@@ -25,7 +25,7 @@ from sqlalchemy.pool import (
 )
 
 from . import semconv
-from .codesite import CodeSite
+from .codesite import CodeSite, function_site, holder_site
 
 _logger = logging.getLogger(__name__)
 
@@ -39,6 +39,11 @@ STAMP_ATTRS = (HOLD_ATTR, CREATE_TIME_ATTR, CLOSE_REASON_ATTR)  # the ones on co
 
 # http.route values kept per pool on histograms before the rest are folded into "other".
 MAX_ROUTES_PER_POOL = 50
+# A live holder's current site is resolved again after this long (wait spans at saturation
+# ask for the same holders many times a second).
+LIVE_SITE_TTL_S = 1.0
+# Hold.holder when code sites are off: nothing is resolved.
+NO_SITES = False
 
 
 # -- the GC flag ----------------------------------------------------------------------------------
@@ -69,7 +74,9 @@ class Hold:
         "__weakref__",
         "context",
         "exec_s",
+        "holder",
         "leak_reported",
+        "live",
         "recorder",
         "request",
         "session",
@@ -87,12 +94,17 @@ class Hold:
         context: Any,
         site: CodeSite | None,
         request: Any = None,
+        holder: Any = None,
     ):
         self.recorder = recorder
         self.request = request  # sessions.RequestState of the HTTP request, if any
         self.t_out = t_out  # perf_counter at checkout
         self.context = context  # OTel Context current at checkout (holder's span, route)
-        self.site = site
+        self.site = site  # the checkout site, when it was taken at checkout (see hooks.py)
+        # Who took it: the asyncio Task, or the thread id (threading.get_ident()); NO_SITES
+        # when code sites are off. Where it is, is resolved only when asked (where()).
+        self.holder = holder
+        self.live: tuple[float, CodeSite | None] | None = None  # (when, holder's site then)
         self.session: Any = None  # sessions.SessionTracker that owns this connection, if any
         self.statements = 0
         self.exec_s = 0.0  # time spent inside cursor.execute
@@ -104,6 +116,21 @@ class Hold:
         """Held time with no statement running."""
         busy = self.exec_s + ((now - self.t_stmt) if self.t_stmt else 0.0)
         return max(0.0, (now - self.t_out) - busy)
+
+    def where(self, now: float, live: bool = True) -> CodeSite | None:
+        """The user code holding this connection: the checkout site when one was taken at
+        checkout; else, for a live holder (``live``), the line it runs now (a task awaiting
+        inside a transaction: the awaiting line); else where it was opened, as far as it can
+        still be told: the request's endpoint, or the holder task's coroutine function."""
+        if self.site is not None or self.holder is NO_SITES:
+            return self.site
+        if live and self.holder is not None:
+            cached = self.live
+            if cached is None or now - cached[0] >= LIVE_SITE_TTL_S:
+                cached = self.live = (now, holder_site(self.holder))
+            if cached[1] is not None:
+                return cached[1]
+        return opening_site(self.request, self.holder)
 
 
 # -- one logical pool -----------------------------------------------------------------------------
@@ -210,6 +237,19 @@ class PoolRecorder:
         items = list(self.holders.items())
         items.sort(key=lambda item: item[1].t_out)
         return items[:limit]
+
+
+def opening_site(request: Any, holder: Any) -> CodeSite | None:
+    """Where a holder that is gone (or not asked) took its connection, without a stack: the
+    endpoint of its HTTP request (``sessions.RequestState``), else its task's coroutine."""
+    try:
+        endpoint = request.endpoint() if request is not None else None
+        site = function_site(endpoint) if endpoint is not None else None
+        if site is None and holder is not None and not isinstance(holder, int):
+            site = function_site(holder.get_coro())
+        return site
+    except Exception:
+        return None
 
 
 def _weak(obj: Any) -> Callable[[], Any]:

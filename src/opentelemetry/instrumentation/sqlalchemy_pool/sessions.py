@@ -39,7 +39,7 @@ from . import semconv
 from .codesite import CodeSite, find_code_site
 from .config import SESSION_SPANS_ALL, SESSION_SPANS_NONE, Config
 from .leaks import LeakDetector
-from .recorder import TRACKER_ATTR, Hold, PoolRecorder, log_hook_error
+from .recorder import NO_SITES, TRACKER_ATTR, Hold, PoolRecorder, log_hook_error, opening_site
 
 _logger = logging.getLogger(__name__)
 
@@ -51,7 +51,9 @@ class RequestState:
 
     def __init__(self, scope: dict[str, Any]):
         self.scope = scope
-        self.response_sent_at = 0.0  # perf_counter when the last body chunk was sent
+        # perf_counter when the response counts as sent: its background tasks started, or the
+        # request's ASGI call returned (see hooks.Hooks._wrap_background).
+        self.response_sent_at = 0.0
         self.finished = False  # the request's ASGI call returned
         # Sessions created during the request, checked when it ends (then dropped). A plain
         # list made on first use: most requests open one session, some none.
@@ -61,6 +63,10 @@ class RequestState:
         route = self.scope.get("route")
         path = getattr(route, "path", None)
         return path if isinstance(path, str) else None
+
+    def endpoint(self) -> Any:
+        """The matched route's endpoint (the user's handler function), if any."""
+        return getattr(self.scope.get("route"), "endpoint", None)
 
 
 # The current HTTP request (set by the Starlette shim in hooks.py).
@@ -77,6 +83,7 @@ class SessionTracker:
         "exec_s",
         "flagged_outlived",
         "garbage_collected",
+        "holder",
         "holding",
         "idle_s",
         "outcome",
@@ -99,7 +106,8 @@ class SessionTracker:
         self.born_after_response = bool(request is not None and request.response_sent_at)
         self.flagged_outlived = False
         self.async_ = False
-        self.site: CodeSite | None = None
+        self.site: CodeSite | None = None  # taken at checkout (session_spans=all), else None
+        self.holder: Any = None  # the first checkout's Hold.holder (see opening_site)
         self.recorder: PoolRecorder | None = None
         self.holding = 0  # connections currently held
         self._reset_period()
@@ -133,6 +141,7 @@ class SessionTracking:
         self.config = config
         self.leaks = leaks
         self.tracer = tracer
+        self._walk = config.capture_code_site and config.session_spans == SESSION_SPANS_ALL
 
     # -- session events (registered by hooks.py) ----------------------------------------------
     def on_begin(self, session: Session, hold: Hold | None) -> None:
@@ -161,8 +170,12 @@ class SessionTracking:
                 tracker.start_ns = time.time_ns() - int((perf_counter() - hold.t_out) * 1e9)
                 tracker.parent_context = hold.context
                 tracker.recorder = recorder
-                if tracker.site is None and self.config.capture_code_site:
-                    tracker.site = hold.site or find_code_site()
+                if tracker.holder is None:
+                    tracker.holder = hold.holder
+                if tracker.site is None:
+                    tracker.site = hold.site
+                    if tracker.site is None and self._walk:
+                        tracker.site = find_code_site()
                 if tracker.async_ and session.expire_on_commit:
                     recorder.async_expire_on_commit = True
                 elif tracker.async_ and recorder.async_expire_on_commit is None:
@@ -209,6 +222,8 @@ class SessionTracking:
 
     def request_finished(self, state: RequestState) -> None:
         state.finished = True
+        if not state.response_sent_at:  # no background task: the response went out just now
+            state.response_sent_at = perf_counter()
         trackers, state.trackers = state.trackers, None
         try:
             for tracker in trackers or ():
@@ -222,8 +237,12 @@ class SessionTracking:
             return
         tracker.flagged_outlived = True
         tracker.outlived_event = (time.time_ns(), action)  # an event on the period's span
-        site = str(tracker.site) if tracker.site is not None else "unknown code site"
-        self.leaks.outlived_response(tracker.recorder, site, _OUTLIVED_TEXT[action])
+        site = _opened_at(tracker)
+        self.leaks.outlived_response(
+            tracker.recorder,
+            str(site) if site is not None else "unknown code site",
+            _OUTLIVED_TEXT[action],
+        )
 
     # -- spans --------------------------------------------------------------------------------
     def _period_ended(self, tracker: SessionTracker, now: float) -> None:
@@ -263,10 +282,11 @@ class SessionTracking:
             semconv.SESSION_OUTLIVED_RESPONSE: tracker.flagged_outlived,
             semconv.SESSION_ASYNC: tracker.async_,
         }
-        if tracker.site is not None:
-            attributes[semconv.CODE_FUNCTION] = tracker.site.function
-            attributes[semconv.CODE_FILE] = tracker.site.file
-            attributes[semconv.CODE_LINE] = tracker.site.line
+        site = _opened_at(tracker)
+        if site is not None:
+            attributes[semconv.CODE_FUNCTION] = site.function
+            attributes[semconv.CODE_FILE] = site.file
+            attributes[semconv.CODE_LINE] = site.line
         route = tracker.request.route() if tracker.request is not None else None
         if route:
             attributes[semconv.HTTP_ROUTE] = route
@@ -294,6 +314,14 @@ _OUTLIVED_TEXT = {
     semconv.OUTLIVED_RAN_STATEMENT: "ran a statement",
     semconv.OUTLIVED_HELD_AT_REQUEST_END: "still held a connection when the request ended",
 }
+
+
+def _opened_at(tracker: SessionTracker) -> CodeSite | None:
+    """Where the session took its first connection: the checkout site when it was taken,
+    else the request's endpoint or the task's coroutine (``recorder.opening_site``)."""
+    if tracker.site is not None or tracker.holder is NO_SITES:
+        return tracker.site
+    return opening_site(tracker.request, tracker.holder)
 
 
 def _is_async(session: Session) -> bool:
