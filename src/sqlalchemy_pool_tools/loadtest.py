@@ -328,9 +328,8 @@ def spread(runs: Sequence[LoadResult], row: Row) -> Spread | None:
 def _cell(s: Spread | None, show: Callable[[float | None], str]) -> str:
     if s is None:
         return "-"
-    if len(s.values) == 1 or s.low == s.high:
-        return show(s.median)
-    return f"{show(s.median)} ({show(s.low)}-{show(s.high)})"
+    low, high = show(s.low), show(s.high)
+    return show(s.median) if low == high else f"{show(s.median)} ({low}-{high})"
 
 
 def change(a: Spread | None, b: Spread | None) -> str:
