@@ -407,6 +407,9 @@ def latency_line(run: LoadRun) -> str:
 # The open-loop generator's own lateness (p99) worth a warning: beyond it the host is too
 # busy for the latencies to be about the app alone.
 LATE_GENERATOR_S = 0.010
+# The built-in generator's CPU share (CPU time / wall time) at which it, not the app, may be
+# what limits the load: its own queueing then shows up as latency.
+BUSY_GENERATOR_CPU = 0.8
 
 
 def describe_load(run: LoadRun) -> str:
@@ -417,14 +420,19 @@ def describe_load(run: LoadRun) -> str:
 
 
 def load_warning(run: LoadRun) -> str | None:
-    """A loud line when the generator itself was late (a busy host overstates latencies)."""
+    """A loud line when the generator itself may have distorted the figures."""
     lag = run.send_lag_p99_s
-    if lag is None or lag < LATE_GENERATOR_S:
-        return None
-    return (
-        f"WARNING: the generator sent requests up to {fmt.seconds(lag)} late (p99): this host "
-        "is too busy for exact open-loop latencies; they include that delay"
-    )
+    if lag is not None and lag >= LATE_GENERATOR_S:
+        return (
+            f"WARNING: the generator sent requests up to {fmt.seconds(lag)} late (p99): this "
+            "host is too busy for exact open-loop latencies; they include that delay"
+        )
+    if run.cpu_share is not None and run.cpu_share >= BUSY_GENERATOR_CPU:
+        return (
+            f"WARNING: the generator used {fmt.share(run.cpu_share)} of a CPU: it may be the "
+            "bottleneck and its latencies include its own queueing (fewer connections, or hey)"
+        )
+    return None
 
 
 def format_pool(fig: Figures, indent: str = "  ") -> list[str]:

@@ -198,6 +198,8 @@ def test_a_late_open_loop_generator_is_a_loud_warning() -> None:
     assert "WARNING" not in format_result(result)
     result.run.send_lag_p99_s = 0.040
     assert "WARNING: the generator sent requests up to 40 ms late" in format_result(result)
+    result.run.send_lag_p99_s, result.run.cpu_share = None, 0.95
+    assert "WARNING: the generator used 95% of a CPU" in format_result(result)
 
 
 def test_load_rejects_files_that_are_not_results(tmp_path) -> None:
@@ -229,6 +231,7 @@ def test_builtin_generator_with_pool_figures(fake_app: tuple[str, FakeApp]) -> N
     assert run.errors == 0
     assert run.rps == pytest.approx(run.requests / run.duration_s)
     assert 0 < run.latency_s["p50"] <= run.latency_s["p95"] <= run.latency_s["p99"]
+    assert run.cpu_share is not None and 0 < run.cpu_share <= 1.5
     # The pool figures are the doctor's, over the load window.
     fig = result.pools["demo"]
     assert fig.source == "metrics-endpoint"
