@@ -32,6 +32,10 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from opentelemetry.instrumentation.sqlalchemy_pool import semconv
+from opentelemetry.instrumentation.sqlalchemy_pool.pg_activity import (
+    SCOPE_APPLICATION,
+    SCOPE_SERVER,
+)
 from sqlalchemy_pool_tools.doctor import _format as fmt
 from sqlalchemy_pool_tools.errors import UserError
 
@@ -229,8 +233,8 @@ class _Spec:
     match: tuple[tuple[str, str], ...] = ()
 
 
-_USED = ((STATE_LABEL, "used"),)
-_IDLE = ((STATE_LABEL, "idle"),)
+_USED = ((STATE_LABEL, semconv.STATE_USED),)
+_IDLE = ((STATE_LABEL, semconv.STATE_IDLE),)
 SPECS: tuple[_Spec, ...] = (
     _Spec("used_avg", CONNECTION_COUNT, "avg", _USED),
     _Spec("used_max", CONNECTION_COUNT, "max", _USED),
@@ -486,17 +490,17 @@ def _pool_figures(
     # -- pg_stat_activity: every instance samples the same server, so take maxima, not sums
     by_scope_state: dict[tuple[str, str], float] = {}
     for labels, value in view("pg_backends"):
-        key = (labels.get(PG_SCOPE_LABEL, "server"), labels.get(PG_STATE_LABEL, "unknown"))
+        key = (labels.get(PG_SCOPE_LABEL, SCOPE_SERVER), labels.get(PG_STATE_LABEL, "unknown"))
         by_scope_state.setdefault(key, 0.0)
         by_scope_state[key] = max(by_scope_state[key], value)
-    app = {state: v for (scope, state), v in by_scope_state.items() if scope == "application"}
-    server = {state: v for (scope, state), v in by_scope_state.items() if scope != "application"}
+    app = {s: v for (scope, s), v in by_scope_state.items() if scope == SCOPE_APPLICATION}
+    server = {s: v for (scope, s), v in by_scope_state.items() if scope != SCOPE_APPLICATION}
     fig.pg_backends = app or server or None
     fig.pg_total_backends = sum(server.values()) if server else None
 
     def age(key: str) -> float | None:
         rows = view(key)
-        app_rows = [v for labels, v in rows if labels.get(PG_SCOPE_LABEL) == "application"]
+        app_rows = [v for labels, v in rows if labels.get(PG_SCOPE_LABEL) == SCOPE_APPLICATION]
         return _max(app_rows) if app_rows else _max(v for _, v in rows)
 
     fig.pg_oldest_transaction_age = age("pg_xact_age")
@@ -717,7 +721,7 @@ def evaluate_snapshots(
             if POOL_LABEL not in labels:
                 continue
             key = (labels[POOL_LABEL], *_instance(labels))
-            if name == CONNECTION_COUNT and labels.get(STATE_LABEL) == "used":
+            if name == CONNECTION_COUNT and labels.get(STATE_LABEL) == semconv.STATE_USED:
                 used[key] += value
             elif name == CONNECTION_MAX and value > 0:
                 limit[key] += value
