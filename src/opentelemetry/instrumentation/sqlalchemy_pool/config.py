@@ -116,8 +116,11 @@ OPTIONS: tuple[Option, ...] = (
            'report a connection still checked out after this long (`0` = off). 30 s is above any '
            'sane request timeout, so it only fires on real leaks and stuck work'),
     Option("capture_code_site", True, _bool,
-           'remember the first user frame (outside SQLAlchemy, this package, FastAPI/Starlette, '
-           'asyncio, stdlib) that took each connection/session'),
+           'name the user code (first frame outside SQLAlchemy, this package, FastAPI/Starlette, '
+           'asyncio, stdlib) holding each connection/session. Resolved only when asked (wait '
+           'span links, holders, leak reports): the line a live holder runs now, else its '
+           "request's endpoint; no stack walk at checkout except with `session_spans=all` and "
+           'in plain threads outside any request'),
     Option("holders_limit", 5, _positive_int,
            'how many of the oldest holders a wait span links to'),
     Option("holders_log_interval_s", 60.0, _non_negative_float,
