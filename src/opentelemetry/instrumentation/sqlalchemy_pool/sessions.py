@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextvars
 import logging
 import time
-import weakref
 from collections.abc import Callable
 from time import perf_counter
 from typing import Any
@@ -80,7 +79,6 @@ class SessionTracker:
         "__weakref__",
         "async_",
         "born_after_response",
-        "exec_s",
         "flagged_outlived",
         "garbage_collected",
         "holder",
@@ -91,17 +89,14 @@ class SessionTracker:
         "parent_context",
         "recorder",
         "request",
-        "session_ref",
         "site",
         "start_ns",
         "start_perf",
         "statements",
         "transactions",
-        "used_s",
     )
 
     def __init__(self, session: Session, request: RequestState | None):
-        self.session_ref = weakref.ref(session)
         self.request = request
         self.born_after_response = bool(request is not None and request.response_sent_at)
         self.flagged_outlived = False
@@ -118,8 +113,6 @@ class SessionTracker:
         self.parent_context: Any = None
         self.statements = 0
         self.transactions = 0
-        self.exec_s = 0.0
-        self.used_s = 0.0
         self.idle_s = 0.0
         self.outcome: str | None = None
         self.garbage_collected = False
@@ -210,8 +203,6 @@ class SessionTracking:
         try:
             hold.session = None
             tracker.statements += hold.statements
-            tracker.exec_s += hold.exec_s
-            tracker.used_s += now - hold.t_out
             tracker.idle_s += hold.idle_s(now)
             tracker.holding -= 1
             if tracker.holding <= 0:
