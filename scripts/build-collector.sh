@@ -9,7 +9,8 @@
 # manifest naming exactly the components of collector-config/otelcol*.yaml, all at one collector
 # release. Module checksums are pinned by collector-config/builder-config.go.sum, so the build is
 # verified without a checksum-database lookup (`--update-sums` rewrites that file after a
-# manifest change).
+# manifest change; where sum.golang.org cannot be reached, run it with GOSUMDB=off and review
+# the new checksums).
 #
 # Needs Go >= 1.25 (`go` on PATH, or /usr/local/go/bin/go, or GO=/path/to/go) and the Go module
 # proxy. The first build takes minutes (a few on a fast machine, ~10 on 2 busy cores); the binary

@@ -93,8 +93,12 @@ class SQLAlchemyPoolInstrumentor(BaseInstrumentor):
 
         # Built in dependency order; data flows hooks -> recorders -> instruments and spans.
         pg = PgActivitySamplers(config) if config.pg_activity else None
-        registry = PoolRegistry(config, creator_closure, [pg] if pg is not None else [])
-        telemetry = telemetry_for(meter, registry.recorders, pg.items if pg is not None else list)
+        # The instruments read the registry's pools at collection time, and start the counter
+        # series of every new pool at 0 (a new-pool listener of the registry).
+        telemetry = telemetry_for(
+            meter, lambda: registry.recorders(), pg.items if pg is not None else list
+        )
+        registry = PoolRegistry(config, creator_closure, [telemetry] + ([pg] if pg else []))
         leaks = LeakDetector(config, telemetry, registry.recorders)
         # Session tracking always runs (it feeds held-idle time and leak flags); the
         # session_spans option only decides which sessions become spans.

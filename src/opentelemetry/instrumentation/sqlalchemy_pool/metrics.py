@@ -230,18 +230,30 @@ class Telemetry:
             if idle >= HELD_IDLE_MIN_S:
                 self.held_idle_time.record(idle, attrs, context=NO_EXEMPLAR)
 
+    def on_new_pool(self, recorder: PoolRecorder, pool: Any, url: Any) -> None:
+        """Every counter series of a new pool starts at 0: Prometheus' increase() sees an event
+        only in a series it scraped before (one that first appears at 1 has no increase), and
+        a dashboard shows 0 instead of "No data"."""
+        self.timeouts.add(0, recorder.attrs)
+        for reason in semconv.CLOSE_REASONS:
+            self._count("closes", semconv.CLOSE_REASON, recorder, reason, 0)
+        for kind in semconv.LEAK_KINDS:
+            self._count("leaks", semconv.LEAK_KIND, recorder, kind, 0)
+
     def closed(self, recorder: PoolRecorder, reason: str) -> None:
         self._count("closes", semconv.CLOSE_REASON, recorder, reason)
 
     def leak(self, recorder: PoolRecorder, kind: str) -> None:
         self._count("leaks", semconv.LEAK_KIND, recorder, kind)
 
-    def _count(self, counter: str, attribute: str, recorder: PoolRecorder, value: str) -> None:
+    def _count(
+        self, counter: str, attribute: str, recorder: PoolRecorder, value: str, amount: int = 1
+    ) -> None:
         if gc_collecting[0]:
-            self.deferred.append((self._count, (counter, attribute, recorder, value)))
+            self.deferred.append((self._count, (counter, attribute, recorder, value, amount)))
             return
         key = (recorder.name, attribute, value)
         attrs = self._count_attrs.get(key)
         if attrs is None:
             attrs = self._count_attrs[key] = {**recorder.attrs, attribute: value}
-        getattr(self, counter).add(1, attrs)
+        getattr(self, counter).add(amount, attrs)

@@ -73,6 +73,15 @@ LEAK_KIND_LONG_HOLD: Final = "long_hold"
 LEAK_KIND_OUTLIVED_RESPONSE: Final = "outlived_response"
 LEAK_KIND_GARBAGE_COLLECTED: Final = "garbage_collected"
 LEAK_KIND_OPEN_TRANSACTION_AT_CHECKIN: Final = "open_transaction_at_checkin"
+# Every value of the two attributes above (each counter series starts at 0 for a new pool).
+CLOSE_REASONS: Final = (
+    CLOSE_REASON_RECYCLE, CLOSE_REASON_INVALIDATED, CLOSE_REASON_PRE_PING, CLOSE_REASON_OVERFLOW,
+    CLOSE_REASON_DISPOSE, CLOSE_REASON_NULLPOOL, CLOSE_REASON_DETACHED, CLOSE_REASON_ERROR,
+)  # fmt: skip
+LEAK_KINDS: Final = (
+    LEAK_KIND_LONG_HOLD, LEAK_KIND_OUTLIVED_RESPONSE, LEAK_KIND_GARBAGE_COLLECTED,
+    LEAK_KIND_OPEN_TRANSACTION_AT_CHECKIN,
+)  # fmt: skip
 
 PG_STATE: Final = "sqlalchemy.pool.pg.state"
 PG_SCOPE: Final = "sqlalchemy.pool.pg.scope"  # "application" | "server"
