@@ -713,8 +713,8 @@ def test_docs_state_the_series_budget():
     assert int(match.group(1)) > per_pool
 
 
-def test_instrumentor_metric_labels_stay_within_budget(tmp_path):
-    """Run the real instrumentor on a SQLite QueuePool and inspect every exported data point."""
+def _metrics_after(use, tmp_path: Path, **pool_kw):
+    """What the real instrumentor exports after ``use(engine)`` on a SQLite QueuePool "main"."""
     import sqlalchemy as sa
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -722,11 +722,7 @@ def test_instrumentor_metric_labels_stay_within_budget(tmp_path):
 
     reader = InMemoryMetricReader()
     engine = sa.create_engine(
-        f"sqlite:///{tmp_path / 'db.sqlite'}",
-        poolclass=sa.pool.QueuePool,
-        pool_size=2,
-        max_overflow=0,
-        pool_timeout=0.05,
+        f"sqlite:///{tmp_path / 'db.sqlite'}", poolclass=sa.pool.QueuePool, **pool_kw
     )
     instrumentor = SQLAlchemyPoolInstrumentor()
     instrumentor.instrument(
@@ -736,6 +732,18 @@ def test_instrumentor_metric_labels_stay_within_budget(tmp_path):
         pool_name="main",
     )
     try:
+        use(engine)
+        return reader.get_metrics_data()
+    finally:
+        instrumentor.uninstrument()
+        engine.dispose()
+
+
+def test_instrumentor_metric_labels_stay_within_budget(tmp_path):
+    """Run the real instrumentor on a SQLite QueuePool and inspect every exported data point."""
+    import sqlalchemy as sa
+
+    def use(engine: sa.Engine) -> None:
         held = [engine.connect(), engine.connect()]
         with pytest.raises(sa.exc.TimeoutError):
             engine.connect()
@@ -744,10 +752,8 @@ def test_instrumentor_metric_labels_stay_within_budget(tmp_path):
             conn.close()
         with engine.begin() as conn:
             conn.execute(sa.text("select 1"))
-        data = reader.get_metrics_data()
-    finally:
-        instrumentor.uninstrument()
-        engine.dispose()
+
+    data = _metrics_after(use, tmp_path, pool_size=2, max_overflow=0, pool_timeout=0.05)
 
     pool_metrics = {name for name, _, _ in INSTRUMENT_METRICS if not name.startswith(
         ("sqlalchemy.session.", "sqlalchemy.pool.pg."))}  # fmt: skip
@@ -771,26 +777,12 @@ def test_every_counter_series_of_a_pool_starts_at_zero(tmp_path):
     """Prometheus' increase() sees a first event only in a series scraped before it: after a
     pool's first checkout, every counter series the alerts and dashboards read exists at 0."""
     import sqlalchemy as sa
-    from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-    from opentelemetry.sdk.trace import TracerProvider
 
-    reader = InMemoryMetricReader()
-    engine = sa.create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}", poolclass=sa.pool.QueuePool)
-    instrumentor = SQLAlchemyPoolInstrumentor()
-    instrumentor.instrument(
-        meter_provider=MeterProvider(metric_readers=[reader]),
-        tracer_provider=TracerProvider(),
-        engine=engine,
-        pool_name="main",
-    )
-    try:
+    def use(engine: sa.Engine) -> None:
         with engine.connect() as conn:
             conn.execute(sa.text("select 1"))
-        data = reader.get_metrics_data()
-    finally:
-        instrumentor.uninstrument()
-        engine.dispose()
+
+    data = _metrics_after(use, tmp_path)
     counters = {semconv.CONNECTION_TIMEOUTS, semconv.CONNECTION_CLOSES, semconv.LEAKS}
     points: dict[str, dict[str | None, float]] = {}
     for resource_metrics in data.resource_metrics:
