@@ -148,7 +148,7 @@ def test_run_problem_exits_1_with_json(
 # --- report ----------------------------------------------------------------------------------
 def test_render_text_is_aligned_and_plain() -> None:
     diagnoses = [
-        diagnose(fig(SATURATED, timeouts=12, config_timeout=30)),
+        diagnose(fig(SATURATED, timeouts=12, config_timeout=30), request_timeout_s=30),
         diagnose(replace(HEALTHY_FIGURES, pool="reports")),
     ]
     text = render_text(diagnoses, source="test source", colour=False, width=100)

@@ -9,9 +9,13 @@ import pytest
 from sqlalchemy_pool_tools.doctor.figures import Figures
 from sqlalchemy_pool_tools.doctor.verdict import (
     CAPACITY,
+    CONNECT_FAILURES,
     CONNECTION_CHURN,
     CRITICAL,
+    EVENT_LOOP_BLOCKED,
+    FAILING_REQUESTS,
     HEALTHY,
+    HELD_IDLE_IN_REQUEST,
     IDLE_IN_TRANSACTION,
     INFO,
     INSUFFICIENT_DATA,
@@ -21,14 +25,146 @@ from sqlalchemy_pool_tools.doctor.verdict import (
     SLOW_QUERIES,
     UNDERSIZED_POOL,
     WARNING,
+    WORKER_CPU_SATURATED,
     diagnose,
     review_config,
 )
 
 from .doctor_fakes import PG_OK, SATURATED, fig
 
+# Issue 15's cases: what only looks like a pool problem. Each is contended (the pool is full,
+# requests queue) - the doctor used to say "undersized_pool" to all of them.
+CPU_BOUND = dict(cpu_cores=0.97, loop_active_share=0.99, loop_blocked_share=0.6)
+LOOP_BLOCKED = dict(cpu_cores=0.15, loop_active_share=0.97, loop_blocked_share=0.8)
+HELD_IN_REQUEST = dict(held_idle_share=0.85, use_mean=0.6, use_p95=0.9, busy_mean=0.09)
+
 CASES = [
     # (id, figures, verdict, kinds that must be present, kinds that must be absent, severity)
+    (
+        "cpu_saturated_worker_is_not_an_undersized_pool",
+        fig(SATURATED, CPU_BOUND, timeouts=3),
+        WORKER_CPU_SATURATED,
+        {WORKER_CPU_SATURATED},
+        {UNDERSIZED_POOL, EVENT_LOOP_BLOCKED, SLOW_QUERIES, IDLE_IN_TRANSACTION},
+        CRITICAL,
+    ),
+    (
+        "cpu_bound_on_a_busy_host_counts_cpu_against_loop_time",
+        fig(SATURATED, CPU_BOUND, cpu_cores=0.6),
+        WORKER_CPU_SATURATED,
+        {WORKER_CPU_SATURATED},
+        {UNDERSIZED_POOL, EVENT_LOOP_BLOCKED},
+        CRITICAL,
+    ),
+    (
+        "cpu_saturated_without_loop_figures",
+        fig(SATURATED, cpu_cores=0.95),
+        WORKER_CPU_SATURATED,
+        {WORKER_CPU_SATURATED},
+        {UNDERSIZED_POOL},
+        CRITICAL,
+    ),
+    (
+        "event_loop_blocked_by_a_sync_call",
+        fig(SATURATED, LOOP_BLOCKED, HELD_IN_REQUEST, timeouts=2),
+        EVENT_LOOP_BLOCKED,
+        {EVENT_LOOP_BLOCKED},
+        {UNDERSIZED_POOL, WORKER_CPU_SATURATED, IDLE_IN_TRANSACTION, LEAKED_SESSIONS},
+        CRITICAL,
+    ),
+    (
+        "event_loop_blocked_without_contention_is_a_warning",
+        fig(cpu_cores=0.1, loop_active_share=0.4, loop_blocked_share=0.25),
+        EVENT_LOOP_BLOCKED,
+        {EVENT_LOOP_BLOCKED},
+        {HEALTHY},
+        WARNING,
+    ),
+    (
+        "busy_loop_below_thresholds_is_healthy",
+        fig(cpu_cores=0.5, loop_active_share=0.6, loop_blocked_share=0.02),
+        HEALTHY,
+        {HEALTHY},
+        {EVENT_LOOP_BLOCKED, WORKER_CPU_SATURATED},
+        OK,
+    ),
+    (
+        "too_many_clients_without_pg_activity",
+        fig(
+            connect_errors=450,
+            too_many_clients=450,
+            connect_errors_by_type={"TooManyConnectionsError": 450},
+            request_error_share=0.45,
+        ),
+        CONNECT_FAILURES,
+        {CONNECT_FAILURES},
+        {HEALTHY, UNDERSIZED_POOL},
+        CRITICAL,
+    ),
+    (
+        "too_many_clients_while_contended_never_suggests_a_bigger_pool",
+        fig(SATURATED, timeouts=5, connect_errors=30, too_many_clients=30),
+        CONNECT_FAILURES,
+        {CONNECT_FAILURES},
+        {UNDERSIZED_POOL},
+        CRITICAL,
+    ),
+    (
+        "rare_connect_failure_is_a_warning",
+        fig(connect_errors=3, connect_errors_by_type={"OSError": 3}),
+        CONNECT_FAILURES,
+        {CONNECT_FAILURES},
+        {HEALTHY},
+        WARNING,
+    ),
+    (
+        "failing_requests_are_never_healthy",
+        fig(request_error_share=0.2),
+        FAILING_REQUESTS,
+        {FAILING_REQUESTS},
+        {HEALTHY},
+        WARNING,
+    ),
+    (
+        "transaction_held_across_an_await_inside_the_request",
+        fig(SATURATED, HELD_IN_REQUEST, held_idle_in_tx_share=0.98, timeouts=4),
+        IDLE_IN_TRANSACTION,
+        {IDLE_IN_TRANSACTION},
+        {LEAKED_SESSIONS, UNDERSIZED_POOL},
+        CRITICAL,
+    ),
+    (
+        "held_idle_in_request_tx_unknown_is_idle_in_transaction",
+        fig(HELD_IN_REQUEST),
+        IDLE_IN_TRANSACTION,
+        {IDLE_IN_TRANSACTION},
+        {LEAKED_SESSIONS},
+        WARNING,
+    ),
+    (
+        "held_idle_outside_a_transaction",
+        fig(SATURATED, HELD_IN_REQUEST, held_idle_in_tx_share=0.1),
+        HELD_IDLE_IN_REQUEST,
+        {HELD_IDLE_IN_REQUEST},
+        {LEAKED_SESSIONS, IDLE_IN_TRANSACTION, UNDERSIZED_POOL},
+        WARNING,
+    ),
+    (
+        "held_idle_and_outlived_response_is_a_leak",
+        fig(SATURATED, HELD_IN_REQUEST, leaks_by_kind={"outlived_response": 40}),
+        LEAKED_SESSIONS,
+        {LEAKED_SESSIONS},
+        {IDLE_IN_TRANSACTION, UNDERSIZED_POOL},
+        CRITICAL,
+    ),
+    (
+        "slow_statement_on_every_request",
+        fig(SATURATED, use_mean=0.26, use_p95=0.45, busy_mean=0.25, held_idle_share=0.03),
+        SLOW_QUERIES,
+        {SLOW_QUERIES},
+        {UNDERSIZED_POOL},
+        WARNING,
+    ),
     ("healthy", fig(), HEALTHY, {HEALTHY}, {UNDERSIZED_POOL, LEAKED_SESSIONS}, OK),
     ("healthy_with_pg", fig(PG_OK), HEALTHY, {HEALTHY}, {CAPACITY, IDLE_IN_TRANSACTION}, OK),
     (
@@ -267,6 +403,7 @@ CASES = [
             use_p95=12.0,
             pg_oldest_transaction_age=60,
             closes_by_reason={"pre_ping_failed": 0.2},
+            leaks_by_kind={"outlived_response": 3},
         ),
         LEAKED_SESSIONS,
         {LEAKED_SESSIONS, IDLE_IN_TRANSACTION, CONNECTION_CHURN},
@@ -308,23 +445,38 @@ def test_next_steps_follow_the_runbook_order(case: tuple) -> None:
         assert stages == sorted(stages, key=RUNBOOK.index)
         if finding.kind in (UNDERSIZED_POOL, LEAKED_SESSIONS, SLOW_QUERIES, CAPACITY):
             assert stages[0] == "metrics"
+        if finding.kind in (WORKER_CPU_SATURATED, EVENT_LOOP_BLOCKED, CONNECT_FAILURES):
+            # Root cause first: the pool-limits stage never says to raise the pool.
+            limits = " ".join(s for s in finding.next_steps if s.startswith("pool limits"))
+            assert "raise the pool explicitly" not in limits
+            assert "do not raise the pool" in limits or "keep the pool limits" in limits
         if finding.kind in (UNDERSIZED_POOL, LEAKED_SESSIONS, SLOW_QUERIES):
             assert stages[-1] == "max_connections"  # raising the server limit comes last
 
 
-def test_undersized_suggests_a_size_within_server_headroom() -> None:
-    tight = fig(SATURATED, PG_OK, {"pg_max_connections": 55, "pg_total_backends": 30}, timeouts=4)
+def test_undersized_suggests_a_size_from_littles_law_within_server_headroom() -> None:
+    # 100 checkouts/s over 2 instances x 0.3 s hold = 15 connections busy per instance (the
+    # limit) + 3 queued on average = 18 wanted; 1.25 x 18 = 23, but the server has 2
+    # connections left = 1 per instance.
+    busy = dict(SATURATED, use_mean=0.3, use_p95=0.5, timeouts=4)
+    tight = fig(busy, PG_OK, {"pg_max_connections": 55, "pg_total_backends": 30})
     finding = diagnose(tight).findings[0]
     assert finding.kind == UNDERSIZED_POOL
     limits = next(s for s in finding.next_steps if s.startswith("pool limits"))
-    assert "from 15 to about 23 per instance" in limits  # 15 + 8 queued
-    assert "the server has only" in limits
+    assert "from 15 to about 16 per instance" in limits
+    assert "the server has only 2 connections to spare" in limits
     assert ("server headroom", "2 connections") in finding.evidence
+    assert ("connections busy (rate x hold, Little's law)", "15 per instance") in finding.evidence
+    assert ("wanted at once (busy + queued mean)", "18 per instance") in finding.evidence
     assert finding.culprits[0].startswith("GET /orders/{id}")  # routes first for load problems
 
-    roomy = diagnose(fig(SATURATED, PG_OK, timeouts=4)).findings[0]
-    assert not any("the server has only" in s for s in roomy.next_steps)
-    no_pg = diagnose(fig(SATURATED, timeouts=4)).findings[0]
+    roomy = diagnose(fig(busy, PG_OK)).findings[0]
+    limits = next(s for s in roomy.next_steps if s.startswith("pool limits"))
+    # The suggestion comes from the model, not from the queue's peak (limit + 8 queued max).
+    assert "from 15 to about 23 per instance" in limits
+    assert "about 78% utilisation" in limits  # the predicted effect
+    assert "the server has only" not in limits
+    no_pg = diagnose(fig(busy)).findings[0]
     assert any("enable pg_activity" in s for s in no_pg.next_steps)
 
 
@@ -344,7 +496,19 @@ def test_unknown_values_read_as_unknown() -> None:
 CONFIG_CASES = [
     # (id, overrides, review kwargs, expected {kind: severity})
     ("good", {}, {}, {}),
-    ("timeout_equals_request_timeout", {"config_timeout": 30}, {}, {"pool_timeout": WARNING}),
+    # SQLAlchemy's default 30 s against an assumed 30 s request timeout: advice, not a warning.
+    (
+        "timeout_default_vs_assumed_request_timeout",
+        {"config_timeout": 30},
+        {},
+        {"pool_timeout": INFO},
+    ),
+    (
+        "timeout_equals_given_request_timeout",
+        {"config_timeout": 30},
+        {"request_timeout_s": 30},
+        {"pool_timeout": WARNING},
+    ),
     (
         "timeout_over_request_timeout_param",
         {"config_timeout": 10},
@@ -408,3 +572,27 @@ def test_diagnose_includes_the_configuration_review() -> None:
     diagnosis = diagnose(fig(config_timeout=30))
     assert [f.kind for f in diagnosis.config] == ["pool_timeout"]
     assert diagnosis.healthy  # configuration advice is not a pool problem
+
+
+def test_worker_findings_name_the_blocking_site_first() -> None:
+    blocked = fig(
+        SATURATED,
+        LOOP_BLOCKED,
+        blocking_sites=["sdk_call (app/api.py:31) [GET /report] - 80% of the time blocked"],
+    )
+    finding = diagnose(blocked).findings[0]
+    assert finding.kind == EVENT_LOOP_BLOCKED
+    assert finding.culprits[0].startswith("sdk_call (app/api.py:31)")
+    assert "sdk_call (app/api.py:31)" in finding.title
+    assert any("asyncio.to_thread" in step for step in finding.next_steps)
+    cpu = diagnose(fig(SATURATED, CPU_BOUND)).findings[0]
+    assert any("worker processes" in step for step in cpu.next_steps)
+
+
+def test_slow_statements_name_the_statement_time_and_route() -> None:
+    finding = diagnose(
+        fig(SATURATED, use_mean=0.26, use_p95=0.45, busy_mean=0.25, held_idle_share=0.03)
+    ).findings[0]
+    assert finding.kind == SLOW_QUERIES
+    assert "statements take 250 ms per checkout" in finding.title
+    assert finding.culprits[0].startswith("GET /orders/{id}")

@@ -48,6 +48,9 @@ BAD_ENV: dict[str, list[str]] = {
     "pg_activity": ["perhaps", "enabled"],
     "pg_activity_interval_s": ["-15", "often"],
     "set_application_name": ["sure", "10"],
+    "event_loop_monitor": ["watch", "2"],
+    "event_loop_block_threshold_ms": ["-5", "slow", "inf"],
+    "slow_statement_threshold_ms": ["-1", "100ms", "nan"],
 }
 BAD_KWARGS: dict[str, list[Any]] = {
     "pool_name": ["", "   ", [], {"a": 1}],
@@ -63,6 +66,9 @@ BAD_KWARGS: dict[str, list[Any]] = {
     "pg_activity": ["maybe", 3, {}],
     "pg_activity_interval_s": [-1, "x", float("inf")],
     "set_application_name": ["x", 7, None.__class__],
+    "event_loop_monitor": ["x", 3, []],
+    "event_loop_block_threshold_ms": [-1, "x", float("inf")],
+    "slow_statement_threshold_ms": [-0.5, "x", float("nan")],
 }
 
 

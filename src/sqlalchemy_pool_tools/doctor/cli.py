@@ -77,9 +77,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--request-timeout",
         metavar="S",
-        default=str(DEFAULT_REQUEST_TIMEOUT_S),
         help="request timeout of the proxy/server in front of the app, for the "
-        f"pool_timeout review (default {DEFAULT_REQUEST_TIMEOUT_S:g})",
+        f"pool_timeout review (default: {DEFAULT_REQUEST_TIMEOUT_S:g} assumed, advice only)",
     )
     parser.add_argument(
         "--idle-timeout",
@@ -125,7 +124,11 @@ def run(args: argparse.Namespace) -> int:
     metrics_urls: Sequence[str] | None = getattr(args, "metrics_url", None)
     if bool(prometheus) == bool(metrics_urls):
         raise UserError("give exactly one source: --prometheus URL or --metrics-url URL")
-    request_timeout = _seconds("--request-timeout", args.request_timeout, DEFAULT_REQUEST_TIMEOUT_S)
+    request_timeout = (
+        _seconds("--request-timeout", args.request_timeout, DEFAULT_REQUEST_TIMEOUT_S)
+        if args.request_timeout is not None
+        else None  # unknown: the review assumes the default and only informs
+    )
     idle_timeout = _seconds("--idle-timeout", args.idle_timeout, DEFAULT_IDLE_TIMEOUT_S)
 
     if prometheus:

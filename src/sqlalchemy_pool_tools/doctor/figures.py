@@ -148,6 +148,22 @@ class Figures:
     request_rate: float | None = None
     request_p95: float | None = None
     request_p99: float | None = None
+    request_error_share: float | None = None  # share of requests answered 5xx
+    # Around the pool (AROUND_POOL_SPECS): what only looks like a pool problem.
+    busy_mean: float | None = None  # per checkout: use_time - held_idle_time (statements)
+    held_idle_in_tx_share: float | None = None  # held-idle time inside a transaction / all
+    slow_statement_sites: list[str] | None = None
+    connect_errors: float | None = None  # failed connects in the window
+    connect_errors_by_type: dict[str, float] | None = None  # error.type -> count
+    too_many_clients: float | None = None  # of which the server refused for lack of slots
+    loop_active_share: float | None = None  # busiest instance: loop running callbacks
+    loop_blocked_share: float | None = None  # busiest instance: in iterations > threshold
+    loop_lag_p99: float | None = None
+    # busiest instance, per second of window: loop thread on a CPU + runnable waiting for one
+    loop_cpu_demand: float | None = None
+    loop_runqueue_share: float | None = None  # of which waiting for a CPU (host short of CPU)
+    blocking_sites: list[str] | None = None
+    cpu_cores: float | None = None  # busiest instance: CPU seconds per second of window
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -520,7 +536,131 @@ def _pool_figures(
     http_buckets = _buckets(view("http_bucket"))
     fig.request_p95 = histogram_quantile(0.95, http_buckets)
     fig.request_p99 = histogram_quantile(0.99, http_buckets)
+    _around_pool(fig, view, window_s)
     return fig
+
+
+# --- around the pool: event loop, CPU, connect errors, statement time --------------------------
+# Kept in one section (own specs, one assembling function) so the pool figures above stay as
+# they are. Names derive from the instrumentor's semconv like the ones above.
+HELD_IDLE_IN_TX_LABEL = prometheus_name(semconv.HELD_IDLE_IN_TRANSACTION)
+ERROR_TYPE_LABEL = prometheus_name(semconv.ERROR_TYPE)
+STATUS_CODE_LABEL = prometheus_name(semconv.DB_RESPONSE_STATUS_CODE)
+LOOP_STATE_LABEL = prometheus_name(semconv.EVENT_LOOP_STATE)
+LOOP_THREAD_STATE_LABEL = prometheus_name(semconv.EVENT_LOOP_THREAD_STATE)
+LOOP_THREAD_TIME = prometheus_name(semconv.EVENT_LOOP_THREAD_TIME, "_seconds_total")
+HTTP_STATUS_LABEL = "http_response_status_code"
+CONNECT_ERRORS = prometheus_name(semconv.CONNECTION_CONNECT_ERRORS, _TOTAL)
+SLOW_STATEMENT_TIME = prometheus_name(semconv.SLOW_STATEMENT_TIME, "_seconds_total")
+LOOP_LAG = prometheus_name(semconv.EVENT_LOOP_LAG, "_seconds")
+LOOP_TIME = prometheus_name(semconv.EVENT_LOOP_TIME, "_seconds_total")
+LOOP_BLOCKED = prometheus_name(semconv.EVENT_LOOP_BLOCKED_TIME, "_seconds_total")
+# Ours first; the semantic-convention name of opentelemetry-instrumentation-system-metrics and
+# prometheus_client's default process collector are read when ours is absent.
+CPU_TIME_NAMES = (
+    prometheus_name(semconv.PROCESS_CPU_TIME, "_seconds_total"),
+    "process_cpu_time_seconds_total",
+    "process_cpu_seconds_total",
+)
+# PostgreSQL's SQLSTATE for "too many clients already" and "remaining connection slots are
+# reserved": the server has no slot left for this connection.
+TOO_MANY_CONNECTIONS_SQLSTATE = "53300"
+
+AROUND_POOL_SPECS: tuple[_Spec, ...] = (
+    _Spec("held_idle_tx_sum", HELD_IDLE_TIME + "_sum", "inc"),
+    _Spec("http_count_by_status", HTTP_SERVER_DURATION + "_count", "inc"),
+    _Spec("connect_errors", CONNECT_ERRORS, "inc"),
+    _Spec("slow_statements", SLOW_STATEMENT_TIME, "inc"),
+    _Spec("loop_lag_bucket", LOOP_LAG + "_bucket", "inc"),
+    _Spec("loop_time", LOOP_TIME, "inc"),
+    _Spec("loop_blocked", LOOP_BLOCKED, "inc"),
+    _Spec("loop_thread", LOOP_THREAD_TIME, "inc"),
+    *(_Spec(f"cpu_{i}", name, "inc") for i, name in enumerate(CPU_TIME_NAMES)),
+)
+SPECS += AROUND_POOL_SPECS
+
+
+def _too_many_clients(labels: Labels) -> bool:
+    return (
+        labels.get(STATUS_CODE_LABEL) == TOO_MANY_CONNECTIONS_SQLSTATE
+        or "toomanyconnections" in labels.get(ERROR_TYPE_LABEL, "").lower()
+    )
+
+
+def _busiest(per_instance: dict[tuple[str | None, ...], float]) -> float | None:
+    return max(per_instance.values()) if per_instance else None
+
+
+def _sites_by_function(rows: Rows, unit: Callable[[float], str]) -> list[str] | None:
+    """Code sites ranked by value, one per function (a CPU-bound function is sampled on many
+    lines: they are one culprit, shown with its heaviest line)."""
+    by_function: dict[tuple[str, str], dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for labels, value in rows:
+        site = _code_site(labels)
+        if site and value > 0:
+            key = (labels.get(CODE_FUNCTION_LABEL, ""), labels.get(CODE_FILE_LABEL, site))
+            by_function[key][site] += value
+    ranked = sorted(by_function.values(), key=lambda sites: -sum(sites.values()))[:TOP_N]
+    return [
+        f"{max(sites, key=lambda s: sites[s])} - {unit(sum(sites.values()))}" for sites in ranked
+    ] or None
+
+
+def _around_pool(fig: Figures, view: Callable[[str], Rows], window_s: float) -> None:
+    """Fill the around-the-pool figures of ``fig`` (see AROUND_POOL_SPECS)."""
+    use_sum = _total(view("use_sum"))
+    use_count = _total(view("use_count"))
+    held_idle = _total(view("held_idle_sum"))
+    if use_sum is not None and use_count and held_idle is not None:
+        fig.busy_mean = max(0.0, use_sum - held_idle) / use_count
+    in_tx = _grouped(view("held_idle_tx_sum"), HELD_IDLE_IN_TX_LABEL)
+    if any(k[0] for k in in_tx) and held_idle:
+        fig.held_idle_in_tx_share = in_tx.get(("true",), 0.0) / held_idle
+    fig.slow_statement_sites = _sites_by_function(
+        view("slow_statements"), lambda s: f"{fmt.seconds(s)} in slow statements"
+    )
+
+    by_status = _grouped(view("http_count_by_status"), HTTP_STATUS_LABEL)
+    requests = sum(by_status.values())
+    if requests and any(k[0] for k in by_status):
+        errors = sum(v for k, v in by_status.items() if k[0].startswith("5"))
+        fig.request_error_share = errors / requests
+
+    errors = view("connect_errors")
+    if errors:
+        fig.connect_errors = _total(errors)
+        fig.connect_errors_by_type = {
+            k[0] or "unknown": v for k, v in _grouped(errors, ERROR_TYPE_LABEL).items() if v
+        }
+        fig.too_many_clients = sum(v for labels, v in errors if _too_many_clients(labels))
+    elif fig.checkouts is not None and (view("loop_time") or view("cpu_0")):
+        fig.connect_errors = 0.0  # this instrumentor version counts them: none happened
+
+    loop_time = view("loop_time")
+    active = _per_instance([(lb, v) for lb, v in loop_time if lb.get(LOOP_STATE_LABEL) == "active"])
+    total = _per_instance(loop_time)
+    fig.loop_active_share = _busiest({i: a / total[i] for i, a in active.items() if total.get(i)})
+    blocked = view("loop_blocked")
+    if blocked or loop_time:
+        fig.loop_blocked_share = (_busiest(_per_instance(blocked)) or 0.0) / window_s
+    fig.loop_lag_p99 = histogram_quantile(0.99, _buckets(view("loop_lag_bucket")))
+    thread = view("loop_thread")
+    demand = _per_instance(thread)
+    if demand:
+        busiest = max(demand, key=lambda i: demand[i])
+        fig.loop_cpu_demand = demand[busiest] / window_s
+        runqueue = _per_instance(
+            [(lb, v) for lb, v in thread if lb.get(LOOP_THREAD_STATE_LABEL) == "runqueue"]
+        )
+        fig.loop_runqueue_share = runqueue.get(busiest, 0.0) / window_s
+    fig.blocking_sites = _sites_by_function(
+        blocked, lambda s: f"{fmt.share(s / window_s)} of the time blocked"
+    )
+    for i in range(len(CPU_TIME_NAMES)):
+        cpu = _per_instance(view(f"cpu_{i}"))
+        if cpu:
+            fig.cpu_cores = _busiest(cpu) / window_s
+            break
 
 
 # --- reader 1: Prometheus HTTP API -----------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from opentelemetry.instrumentation.sqlalchemy_pool import semconv
 from sqlalchemy_pool_tools.doctor import _format as fmt
 from sqlalchemy_pool_tools.doctor.figures import Figures
 
@@ -26,6 +27,12 @@ IDLE_IN_TRANSACTION = "idle_in_transaction"
 SLOW_QUERIES = "slow_queries"
 CONNECTION_CHURN = "connection_churn"
 CAPACITY = "capacity"
+# What only looks like a pool problem: checked first, and a bigger pool is never the advice.
+WORKER_CPU_SATURATED = "worker_cpu_saturated"
+EVENT_LOOP_BLOCKED = "event_loop_blocked"
+CONNECT_FAILURES = "connect_failures"
+FAILING_REQUESTS = "failing_requests"
+HELD_IDLE_IN_REQUEST = "held_idle_in_request"
 HEALTHY = "healthy"
 INSUFFICIENT_DATA = "insufficient_data"
 
@@ -76,8 +83,31 @@ POOL_TIMEOUT_REQUEST_SHARE = 0.5
 # PgBouncer server_idle_timeout 600 s, firewalls/NAT often 300 s).
 DEFAULT_REQUEST_TIMEOUT_S = 30.0
 DEFAULT_IDLE_TIMEOUT_S = 300.0
+# Busy (statement) time per checkout beyond this is long for request-path OLTP work, where
+# statements take milliseconds: 100 ms is the usual "slow query" log threshold of web stacks,
+# and a 250 ms statement on every request must qualify.
+SLOW_STATEMENT_S = 0.1
+# A worker using this much of one core is saturated: its event loop (one thread) cannot go
+# faster, and every connection it holds waits for the loop between statements.
+CPU_SATURATED_CORES = 0.85
+# An event loop running callbacks this share of the time has no slack left ...
+LOOP_SATURATED_SHARE = 0.9
+# ... and it is CPU-bound (not blocked in a sleeping call) when at least this share of that
+# time its thread was on a CPU or runnable waiting for one (the rest: sleeping in blocking
+# I/O / sleep calls). Without the thread's scheduler times, process CPU time stands in.
+CPU_BOUND_SHARE = 0.5
+# Share of the time spent in loop iterations longer than the block threshold (default 20 ms):
+# every other request on the worker waits that long. 10% of the time is already visible in
+# p99 latency and makes every hold on the worker look longer.
+LOOP_BLOCKED_SHARE = 0.1
+# Requests answered 5xx beyond this share: something fails, whatever the pool figures say.
+FAILING_REQUEST_SHARE = 0.01
+# Connect failures beyond this share of checkouts are critical (requests are failing now).
+CRITICAL_CONNECT_ERROR_SHARE = 0.01
 # Closes that are not churn: an explicit engine.dispose().
-_DELIBERATE_CLOSES = frozenset({"dispose"})
+_DELIBERATE_CLOSES = frozenset({semconv.CLOSE_REASON_DISPOSE})
+# Leak kinds that prove a connection was held beyond its unit of work (the request).
+_BEYOND_REQUEST = (semconv.LEAK_KIND_OUTLIVED_RESPONSE, semconv.LEAK_KIND_GARBAGE_COLLECTED)
 
 _LOAD_TEST = (
     "replay the peak (sqlalchemy-pool loadtest) and compare checked-out connections with "
@@ -218,7 +248,8 @@ def _lines(*items: tuple[str, str] | None) -> list[tuple[str, str]]:
 class _Signals:
     enough_traffic: bool
     contention: list[str]  # human reasons; empty = no contention
-    leak: list[str]
+    leak: list[str]  # evidence of holding beyond the unit of work (the request)
+    held_idle: list[str]  # held idle between statements, nothing beyond the request
     slow: list[str]
 
 
@@ -237,34 +268,41 @@ def _signals(fig: Figures) -> _Signals:
     held_idle_mean = (
         fig.held_idle_share * fig.use_mean if _known(fig.held_idle_share, fig.use_mean) else None
     )
-    leak = []
+    held_idle = []
     if (
         enough
         and _ge(fig.held_idle_share, LEAK_HELD_IDLE_SHARE)
         and (held_idle_mean is None or held_idle_mean >= MIN_HELD_IDLE_PER_CHECKOUT_S)
     ):
-        leak.append(f"{fmt.share(fig.held_idle_share)} of hold time with no statement running")
-    for kind in ("outlived_response", "garbage_collected"):
+        held_idle.append(f"{fmt.share(fig.held_idle_share)} of hold time with no statement running")
+    # Held idle is a leak only with evidence that the connection outlived its unit of work.
+    leak = []
+    for kind in _BEYOND_REQUEST:
         if _leaks(fig, kind) > 0:
             leak.append(f"{fmt.count(_leaks(fig, kind))} {kind.replace('_', ' ')} leaks")
     # A long hold is a leak only when the connection was not busy executing all along.
-    if _leaks(fig, "long_hold") > 0 and not (
+    long_holds = _leaks(fig, semconv.LEAK_KIND_LONG_HOLD)
+    if long_holds > 0 and not (
         _known(fig.held_idle_share) and fig.held_idle_share < BUSY_HELD_IDLE_SHARE
     ):
-        leak.append(f"{fmt.count(_leaks(fig, 'long_hold'))} long holds")
+        leak.append(f"{fmt.count(long_holds)} long holds")
     if _gt(fig.used_after_traffic_stopped, 0):
         leak.append(
             f"{fmt.count(fig.used_after_traffic_stopped)} connections still checked out "
             "after traffic stopped"
         )
+    if leak:
+        leak = held_idle + leak
 
     slow = []
     executing = _known(fig.held_idle_share) and fig.held_idle_share < LEAK_HELD_IDLE_SHARE
     if enough and executing and _ge(fig.use_p95, LONG_HOLD_P95_S):
         slow.append(f"hold time p95 {fmt.seconds(fig.use_p95)} while executing")
+    if enough and executing and _ge(fig.busy_mean, SLOW_STATEMENT_S):
+        slow.append(f"statements take {fmt.seconds(fig.busy_mean)} per checkout")
     if _ge(fig.pg_oldest_query_age, SLOW_QUERY_AGE_S) and _held_any(fig):
         slow.append(f"a query running for {fmt.seconds(fig.pg_oldest_query_age)} on the server")
-    return _Signals(enough, contention, leak, slow)
+    return _Signals(enough, contention, leak, held_idle, slow)
 
 
 def _culprits(fig: Figures, routes_first: bool = False) -> list[str]:
@@ -291,44 +329,66 @@ def _capacity_numbers(fig: Figures) -> tuple[float, float, float | None] | None:
 
 
 def _undersized(fig: Figures, sig: _Signals) -> Finding:
+    """Size from a model, not from the queue's peak: by Little's law the connections the
+    measured checkout rate keeps busy are rate x hold time; the requests queued for one (mean)
+    want one too. The pool gets DEMAND_HEADROOM over their sum, at least one more connection
+    than today, at most what the server budget allows."""
     limit = fig.max_connections or 0.0
     instances = fig.instances or 1.0
-    demand = None
+    carried = None
     if _known(fig.checkout_rate, fig.use_mean):
-        demand = fig.checkout_rate / instances * fig.use_mean
-    target = math.ceil(max((demand or 0.0) * DEMAND_HEADROOM, limit + (fig.pending_max or 0.0)))
-    target = max(target, int(limit) + 1)
-    extra = (target - limit) * instances
+        carried = fig.checkout_rate / instances * fig.use_mean
+    demand = None if carried is None else carried + (fig.pending_mean or 0.0)
+    target = max(math.ceil((demand or 0.0) * DEMAND_HEADROOM), int(limit) + 1)
     evidence = _lines(
         _used_line(fig),
-        ("pool full", fmt.share(fig.saturated_share)),
+        ("pool full (share of scrapes)", fmt.share(fig.saturated_share)),
         ("queued for a connection max", fmt.count(fig.pending_max)),
         ("checkout timeouts", fmt.count(fig.timeouts)),
         _wait_line(fig),
         _use_line(fig),
+        ("busy (statements) per checkout", fmt.seconds(fig.busy_mean))
+        if _known(fig.busy_mean)
+        else None,
         ("held idle (no statement)", fmt.share(fig.held_idle_share)),
-        ("offered load (rate x hold)", f"{fmt.count(demand)} connections per instance")
+        ("connections busy (rate x hold, Little's law)", f"{fmt.count(carried)} per instance")
+        if carried is not None
+        else None,
+        ("wanted at once (busy + queued mean)", f"{fmt.count(demand)} per instance")
         if demand is not None
         else None,
         _requests_line(fig),
     )
-    limits = (
-        f"raise the pool explicitly (pool_size/max_overflow) from {fmt.count(limit)} to about "
-        f"{target} per instance = {fmt.count(extra)} more server connections over "
-        f"{fmt.count(instances)} instance(s)"
-    )
+    server_note = "; enable pg_activity to check the server can take them"
     cap = _capacity_numbers(fig)
     if cap is not None:
         total, budget, _ = cap
         headroom = budget - total
         evidence.append(("server headroom", f"{fmt.count(headroom)} connections"))
-        if extra > headroom:
-            limits += (
-                f"; the server has only {fmt.count(max(headroom, 0))} to spare, so fix holds "
-                "first or add PgBouncer"
+        allowed = limit + max(0.0, headroom) / instances
+        server_note = ""
+        if target > allowed:
+            target = max(int(allowed), int(limit))
+            server_note = (
+                f"; the server has only {fmt.count(max(headroom, 0))} connections to spare, so "
+                "that is the most it can take: shorten holds first or add PgBouncer"
             )
+    extra = (target - limit) * instances
+    if target > limit:
+        predicted = (
+            f"the requests that queue now get a connection at once and the pool runs at about "
+            f"{fmt.share(demand / target)} utilisation; throughput was capped by the pool and "
+            "will grow, so measure again after the change"
+            if demand
+            else "measure the checkout rate and hold time again after the change"
+        )
+        limits = (
+            f"raise the pool explicitly (pool_size/max_overflow) from {fmt.count(limit)} to "
+            f"about {target} per instance = {fmt.count(extra)} more server connections over "
+            f"{fmt.count(instances)} instance(s): {predicted}{server_note}"
+        )
     else:
-        limits += "; enable pg_activity to check the server can take them"
+        limits = f"do not raise the pool: the server cannot take more connections{server_note}"
     return Finding(
         kind=UNDERSIZED_POOL,
         severity=CRITICAL if _gt(fig.timeouts, 0) else WARNING,
@@ -384,15 +444,19 @@ def _leaked(fig: Figures, sig: _Signals) -> Finding:
 def _idle_in_tx(fig: Figures, sig: _Signals) -> Finding | None:
     backends = fig.pg_backends or {}
     idle_tx = sum(v for k, v in backends.items() if k.startswith("idle in transaction"))
-    at_checkin = _leaks(fig, "open_transaction_at_checkin")
+    at_checkin = _leaks(fig, semconv.LEAK_KIND_OPEN_TRANSACTION_AT_CHECKIN)
     age = fig.pg_oldest_transaction_age
+    # Held idle between statements with nothing outliving the request: the transaction (or
+    # the session) is held across non-database work inside the request.
+    in_request = bool(sig.held_idle) and not sig.leak
     if not _held_any(fig) and at_checkin == 0:
         return None  # server-side figures, but this pool held nothing: not its transactions
     many = idle_tx >= max(2.0, IDLE_IN_TX_POOL_SHARE * (fig.max_connections or 0.0))
     old = idle_tx > 0 and _ge(age, OLD_TRANSACTION_S)
-    if not (many or old or at_checkin > 0):
+    if not (many or old or at_checkin > 0 or in_request):
         return None
-    reasons = []
+    outside_tx = _known(fig.held_idle_in_tx_share) and fig.held_idle_in_tx_share < 0.5
+    reasons = list(sig.held_idle) if in_request else []
     if idle_tx > 0:
         reasons.append(f"{fmt.count(idle_tx)} backends idle in transaction")
     if _ge(age, OLD_TRANSACTION_S):
@@ -400,23 +464,47 @@ def _idle_in_tx(fig: Figures, sig: _Signals) -> Finding | None:
     if at_checkin > 0:
         reasons.append(f"{fmt.count(at_checkin)} connections returned with a transaction open")
     critical = _ge(age, CRITICAL_TRANSACTION_S) or _gt(fig.timeouts, 0)
+    if in_request and not (idle_tx or at_checkin or old):
+        where = "outside a transaction" if outside_tx else "in an open transaction"
+        title = (
+            f"Connections held idle {where} across non-database work inside the request "
+            f"(nothing outlives its request, so not a leak): {'; '.join(reasons)}"
+        )
+    else:
+        title = f"Transactions left open between statements: {'; '.join(reasons)}"
+    hurting = f" - starving the pool ({'; '.join(sig.contention)})" if sig.contention else ""
     return Finding(
-        kind=IDLE_IN_TRANSACTION,
+        kind=HELD_IDLE_IN_REQUEST if outside_tx and not idle_tx else IDLE_IN_TRANSACTION,
         severity=CRITICAL if critical else WARNING,
-        title=f"Transactions left open between statements: {'; '.join(reasons)}",
+        title=title + hurting,
         evidence=_lines(
-            *((f"backends: {state}", fmt.count(n)) for state, n in sorted(backends.items()) if n),
-            ("oldest transaction age", fmt.seconds(age)),
-            ("returned with open transaction", fmt.count(at_checkin)) if at_checkin else None,
             ("held idle (no statement)", fmt.share(fig.held_idle_share)),
+            ("of which inside a transaction", fmt.share(fig.held_idle_in_tx_share))
+            if _known(fig.held_idle_in_tx_share)
+            else None,
+            _use_line(fig),
+            ("busy (statements) per checkout", fmt.seconds(fig.busy_mean))
+            if _known(fig.busy_mean)
+            else None,
+            (
+                "leaks beyond the request (outlived response, GC)",
+                fmt.count(sum(_leaks(fig, k) for k in _BEYOND_REQUEST)),
+            ),
+            *((f"backends: {state}", fmt.count(n)) for state, n in sorted(backends.items()) if n),
+            ("oldest transaction age", fmt.seconds(age)) if _known(age) else None,
+            ("returned with open transaction", fmt.count(at_checkin)) if at_checkin else None,
+            _used_line(fig),
+            ("checkout timeouts", fmt.count(fig.timeouts)) if _gt(fig.timeouts, 0) else None,
         ),
-        culprits=_culprits(fig),
+        culprits=_culprits(fig, routes_first=True),
         next_steps=_steps(
-            metrics="list them: `sqlalchemy-pool pg-activity` (state, xact age, query, "
-            "application_name) and match code sites on sqlalchemy.session spans",
-            lifecycle="commit or roll back before any slow work; end read-only work with "
-            "rollback/close; set idle_in_transaction_session_timeout as a safety net",
-            limits=None,
+            metrics="find the await: sqlalchemy.session spans with held_idle under these "
+            "routes (`sqlalchemy-pool pg-activity` shows the idle-in-transaction backends)",
+            lifecycle="commit or roll back before any slow await (HTTP call, queue, sleep) and "
+            "open a new transaction for the writes after it, or make the slow call before "
+            "the first statement; set idle_in_transaction_session_timeout as a safety net",
+            limits="keep the pool limits as they are: a bigger pool only holds more idle "
+            "transactions",
         ),
     )
 
@@ -445,7 +533,7 @@ def _slow(fig: Figures, sig: _Signals) -> Finding:
             _wait_line(fig),
             _requests_line(fig),
         ),
-        culprits=_culprits(fig, routes_first=True),
+        culprits=list(fig.slow_statement_sites or []) + _culprits(fig, routes_first=True),
         next_steps=_steps(
             metrics="find the statements: db spans by duration under the slow routes, "
             "pg_stat_statements / EXPLAIN ANALYZE",
@@ -458,17 +546,17 @@ def _slow(fig: Figures, sig: _Signals) -> Finding:
 
 
 _CHURN_ADVICE = {
-    "overflow": "overflow connections are opened and closed with every burst: raise pool_size "
-    "toward the typical checked-out count, keep max_overflow for bursts",
-    "recycle": "pool_recycle closes connections often: raise it to just under the shortest "
-    "idle timeout between app and server",
-    "pre_ping_failed": "something kills idle connections (proxy, firewall, server idle "
-    "timeout): set pool_recycle below that idle timeout",
-    "invalidated": "connections are invalidated by errors: look for disconnects and statement "
-    "errors in the logs",
-    "error": "connections fail while in use: check server logs and network",
-    "returned": "NullPool closes every connection: use QueuePool unless a pooler (PgBouncer) "
-    "sits in front",
+    semconv.CLOSE_REASON_OVERFLOW: "overflow connections are opened and closed with every "
+    "burst: raise pool_size toward the typical checked-out count, keep max_overflow for bursts",
+    semconv.CLOSE_REASON_RECYCLE: "pool_recycle closes connections often: raise it to just "
+    "under the shortest idle timeout between app and server",
+    semconv.CLOSE_REASON_PRE_PING: "something kills idle connections (proxy, firewall, server "
+    "idle timeout): set pool_recycle below that idle timeout",
+    semconv.CLOSE_REASON_INVALIDATED: "connections are invalidated by errors: look for "
+    "disconnects and statement errors in the logs",
+    semconv.CLOSE_REASON_ERROR: "connections fail while in use: check server logs and network",
+    semconv.CLOSE_REASON_NULLPOOL: "NullPool closes every connection: use QueuePool unless a "
+    "pooler (PgBouncer) sits in front",
     "": "find out why connections are closed (closes by reason on the dashboard)",
 }
 
@@ -477,7 +565,7 @@ def _churn(fig: Figures, sig: _Signals) -> Finding | None:
     closes = {k: v for k, v in (fig.closes_by_reason or {}).items() if k not in _DELIBERATE_CLOSES}
     close_rate = sum(closes.values())
     ratio = _ratio(close_rate, fig.checkout_rate)
-    pre_ping = closes.get("pre_ping_failed", 0.0)
+    pre_ping = closes.get(semconv.CLOSE_REASON_PRE_PING, 0.0)
     reasons = []
     if sig.enough_traffic and ratio is not None and ratio >= CHURN_CLOSES_PER_CHECKOUT:
         reasons.append(f"{fmt.share(ratio)} of checkouts needed a new connection")
@@ -491,7 +579,9 @@ def _churn(fig: Figures, sig: _Signals) -> Finding | None:
         reasons.append(f"opening a connection takes {fmt.seconds(fig.create_p95)} (p95)")
     # Advice for the dominant close reason, plus pre-ping failures whenever they happen.
     top = max(closes, key=lambda k: closes[k]) if closes else None
-    reasons_to_advise = [r for r in (top, "pre_ping_failed" if pre_ping > 0 else None) if r]
+    reasons_to_advise = [
+        r for r in (top, semconv.CLOSE_REASON_PRE_PING if pre_ping > 0 else None) if r
+    ]
     advice = "; ".join(
         dict.fromkeys(_CHURN_ADVICE.get(r, _CHURN_ADVICE[""]) for r in reasons_to_advise)
     )
@@ -564,6 +654,213 @@ def _capacity(fig: Figures, undersized: bool, sig: _Signals) -> Finding | None:
     return None
 
 
+# --- around the pool: checked first (root cause first) ----------------------------------------
+def _worker_lines(fig: Figures) -> list[tuple[str, str] | None]:
+    return [
+        ("worker CPU (busiest instance)", f"{fmt.count(fig.cpu_cores)} cores")
+        if _known(fig.cpu_cores)
+        else None,
+        ("event loop busy", fmt.share(fig.loop_active_share))
+        if _known(fig.loop_active_share)
+        else None,
+        ("event loop blocked (long iterations)", fmt.share(fig.loop_blocked_share))
+        if _known(fig.loop_blocked_share)
+        else None,
+        ("event loop lag p99", fmt.seconds(fig.loop_lag_p99)) if _known(fig.loop_lag_p99) else None,
+        ("loop thread on or waiting for a CPU", fmt.share(fig.loop_cpu_demand))
+        if _known(fig.loop_cpu_demand)
+        else None,
+        ("loop thread waiting for a CPU (host busy)", fmt.share(fig.loop_runqueue_share))
+        if _known(fig.loop_runqueue_share)
+        else None,
+    ]
+
+
+def _pool_symptoms(fig: Figures, sig: _Signals) -> list[tuple[str, str] | None]:
+    """What the pool looks like meanwhile: holds wait for the worker, so they look long."""
+    return [
+        _used_line(fig),
+        ("checkout timeouts", fmt.count(fig.timeouts)),
+        _use_line(fig),
+        ("held idle (no statement)", fmt.share(fig.held_idle_share)),
+        ("pool contention", "; ".join(sig.contention) or "none"),
+        _requests_line(fig),
+    ]
+
+
+def _loop_in_trouble(fig: Figures) -> bool:
+    return _ge(fig.loop_active_share, LOOP_SATURATED_SHARE) or _ge(
+        fig.loop_blocked_share, LOOP_BLOCKED_SHARE
+    )
+
+
+def _cpu_bound(fig: Figures) -> bool:
+    """The worker's CPU is the limit: it uses a core, or its loop is saturated/blocked and
+    spends that time computing (or waiting for a CPU) rather than sleeping in a call."""
+    if _ge(fig.cpu_cores, CPU_SATURATED_CORES):
+        return True
+    if not _loop_in_trouble(fig) or not _known(fig.loop_active_share):
+        return False
+    wanted_cpu = fig.loop_cpu_demand if _known(fig.loop_cpu_demand) else fig.cpu_cores
+    return _known(wanted_cpu) and wanted_cpu >= CPU_BOUND_SHARE * fig.loop_active_share
+
+
+def _worker_finding(
+    fig: Figures, sig: _Signals, kind: str, title: str, metrics: str, lifecycle: str, limits: str
+) -> Finding:
+    """A stalled worker: the same evidence and culprits (where the loop was found running)
+    whatever stalls it; never a bigger pool and never max_connections."""
+    return Finding(
+        kind=kind,
+        severity=CRITICAL if sig.contention or _gt(fig.timeouts, 0) else WARNING,
+        title=title,
+        evidence=_lines(*_worker_lines(fig), *_pool_symptoms(fig, sig)),
+        culprits=list(fig.blocking_sites or []) + list(fig.top_routes or []),
+        next_steps=_steps(metrics=metrics, lifecycle=lifecycle, limits=limits, server=None),
+    )
+
+
+def _worker_saturated(fig: Figures, sig: _Signals) -> Finding | None:
+    if not _cpu_bound(fig):
+        return None
+    starved = _known(fig.loop_runqueue_share, fig.cpu_cores) and (
+        fig.loop_runqueue_share > fig.cpu_cores
+    )
+    why = (
+        "and it waits for a CPU more than it runs (the host is short of CPU)"
+        if starved
+        else "requests wait for the CPU"
+    )
+    return _worker_finding(
+        fig,
+        sig,
+        WORKER_CPU_SATURATED,
+        title=f"The worker process is CPU-bound ({fmt.count(fig.cpu_cores)} cores, event loop "
+        f"busy {fmt.share(fig.loop_active_share)}) {why}; connections are held while the loop "
+        "runs other requests' code - a bigger pool would only add waiting connections",
+        metrics="profile the worker under load (py-spy top --pid PID); the culprits are "
+        "where the event loop was found running",
+        lifecycle="spend less CPU per request (cache token checks, cheaper serialisation), "
+        "move CPU-heavy work to a process pool, and run more worker processes "
+        "(uvicorn/gunicorn --workers) - one event loop uses one core",
+        limits="do not raise the pool: throughput is capped by the CPU, not by connections; "
+        "with more workers keep workers x (pool_size + max_overflow) within the server budget",
+    )
+
+
+def _loop_blocked(fig: Figures, sig: _Signals) -> Finding | None:
+    if not _loop_in_trouble(fig) or _cpu_bound(fig):
+        return None
+    where = f" (mostly in {fig.blocking_sites[0].split(' - ')[0]})" if fig.blocking_sites else ""
+    return _worker_finding(
+        fig,
+        sig,
+        EVENT_LOOP_BLOCKED,
+        title=f"The event loop is blocked {fmt.share(fig.loop_blocked_share)} of the time by "
+        f"synchronous calls{where} while CPU stays at {fmt.count(fig.cpu_cores)} cores: every "
+        "request and every held connection waits for them - a bigger pool fixes nothing",
+        metrics="the culprits are the code sites found running while the loop was "
+        "blocked (sqlalchemy.pool.event_loop.blocked_time by code.*)",
+        lifecycle="make the blocking call asynchronous (an async client) or run it in a "
+        "thread (`await asyncio.to_thread(call)` / run_in_threadpool), and never hold a "
+        "session across it",
+        limits="keep the pool limits as they are",
+    )
+
+
+def _connect_failures(fig: Figures, sig: _Signals) -> Finding | None:
+    if not _gt(fig.connect_errors, 0):
+        return None
+    refused = fig.too_many_clients or 0.0
+    share = _ratio(fig.connect_errors, fig.checkouts)
+    critical = share is None or share >= CRITICAL_CONNECT_ERROR_SHARE or bool(sig.contention)
+    instances = fig.instances or 1.0
+    limit = fig.max_connections
+    evidence = _lines(
+        ("failed connects", fmt.count(fig.connect_errors)),
+        *(
+            (f"error: {kind}", fmt.count(n))
+            for kind, n in sorted((fig.connect_errors_by_type or {}).items())
+        ),
+        ("server refused: too many clients", fmt.count(refused)) if refused else None,
+        ("failed connects per checkout", fmt.share(share)) if share is not None else None,
+        ("instances x pool limit", f"{fmt.count(instances)} x {fmt.count(limit)}"),
+        ("server max_connections", fmt.count(fig.pg_max_connections)),
+        ("server backends (all clients)", fmt.count(fig.pg_total_backends))
+        if _known(fig.pg_total_backends)
+        else None,
+        ("requests answered 5xx", fmt.share(fig.request_error_share))
+        if _known(fig.request_error_share)
+        else None,
+    )
+    if refused:
+        title = (
+            f"PostgreSQL refused {fmt.count(refused)} connections (too many clients): its "
+            "max_connections is used up by this app's sibling workers/instances or other "
+            "clients - requests fail; a bigger pool would make it worse"
+        )
+        limits = (
+            "do not raise the pool; size pools from the server budget: (number of worker "
+            "processes x instances) x (pool_size + max_overflow) must stay under max_connections - "
+            "superuser_reserved_connections - other clients; lower the per-worker limits or "
+            "put PgBouncer (transaction pooling) in front"
+        )
+        server = "raise max_connections only if the server has memory for it, and only after "
+        server += "the per-worker limits are right"
+    else:
+        title = (
+            f"{fmt.count(fig.connect_errors)} connection attempts failed "
+            f"({', '.join(sorted(fig.connect_errors_by_type or {}))}): requests that needed a "
+            "new connection failed"
+        )
+        limits = (
+            "keep the pool limits; fix what refuses the connections (credentials, "
+            "network, server health)"
+        )
+        server = None
+    return Finding(
+        kind=CONNECT_FAILURES,
+        severity=CRITICAL if critical else WARNING,
+        title=title,
+        evidence=evidence,
+        culprits=list(fig.top_routes or []),
+        next_steps=_steps(
+            metrics="count server connections by client (`sqlalchemy-pool pg-activity`, "
+            "pg_stat_activity by application_name/client_addr) and the failed connects by "
+            "error.type",
+            lifecycle=None,
+            limits=limits,
+            load_test=_LOAD_TEST,
+            server=server,
+        ),
+    )
+
+
+def _failing_requests(fig: Figures) -> Finding | None:
+    if not _ge(fig.request_error_share, FAILING_REQUEST_SHARE):
+        return None
+    return Finding(
+        kind=FAILING_REQUESTS,
+        severity=WARNING,
+        title=f"{fmt.share(fig.request_error_share)} of requests fail (5xx) although the pool "
+        "figures show no cause: not healthy",
+        evidence=_lines(
+            ("requests answered 5xx", fmt.share(fig.request_error_share)),
+            _requests_line(fig),
+            ("failed connects", fmt.count(fig.connect_errors)),
+            ("checkout timeouts", fmt.count(fig.timeouts)),
+        ),
+        culprits=list(fig.top_routes or []),
+        next_steps=_steps(
+            metrics="read the errors of the failing routes (logs, error spans): database "
+            "errors other than pool timeouts and failed connects are not in the pool metrics",
+            lifecycle=None,
+            load_test=None,
+            server=None,
+        ),
+    )
+
+
 def _no_figures(fig: Figures) -> bool:
     return not any(
         _known(v) for v in (fig.used_mean, fig.used_max, fig.max_connections, fig.checkouts)
@@ -623,15 +920,27 @@ def _pool_findings(fig: Figures) -> list[Finding]:
         return [_insufficient(fig, "No pool figures in the window: nothing to judge")]
     sig = _signals(fig)
     findings: list[Finding] = []
+    # Root cause first: a saturated or blocked worker and a server refusing connections look
+    # like pool problems (holds grow, checkouts queue) and a bigger pool fixes neither.
+    worker = _worker_saturated(fig, sig) or _loop_blocked(fig, sig)
+    connect = _connect_failures(fig, sig)
+    for finding in (connect, worker):  # requests failing outrank requests waiting
+        if finding:
+            findings.append(finding)
     if sig.leak:
         findings.append(_leaked(fig, sig))
-    idle_tx = _idle_in_tx(fig, sig)
-    if idle_tx:
-        findings.append(idle_tx)
-    if sig.slow:
-        findings.append(_slow(fig, sig))
+    idle_tx = None
+    if worker is None:
+        # With a stalled worker, idle and statement times include waiting for the loop:
+        # symptoms, not causes.
+        idle_tx = _idle_in_tx(fig, sig)
+        if idle_tx:
+            findings.append(idle_tx)
+        if sig.slow:
+            findings.append(_slow(fig, sig))
     undersized = False
-    if sig.contention and not sig.leak and not sig.slow:
+    explained = worker or connect or sig.leak or sig.slow or sig.held_idle
+    if sig.contention and not explained:
         if _known(fig.use_p95) and fig.use_p95 < LONG_HOLD_P95_S:
             findings.append(_undersized(fig, sig))
             undersized = True
@@ -653,7 +962,10 @@ def _pool_findings(fig: Figures) -> list[Finding]:
     if capacity:
         findings.append(capacity)
     if not any(f.severity in (CRITICAL, WARNING) for f in findings):
-        if sig.enough_traffic:
+        failing = _failing_requests(fig)
+        if failing:
+            findings.append(failing)
+        elif sig.enough_traffic:
             findings.append(_healthy(fig))
         else:
             findings.append(
@@ -672,10 +984,18 @@ def _pool_findings(fig: Figures) -> list[Finding]:
 def review_config(
     fig: Figures,
     *,
-    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+    request_timeout_s: float | None = None,
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
 ) -> list[Finding]:
-    """Check the pool configuration gauges against the request and idle timeouts."""
+    """Check the pool configuration gauges against the request and idle timeouts.
+
+    ``request_timeout_s`` None: not known, DEFAULT_REQUEST_TIMEOUT_S is assumed and a
+    pool_timeout at or above it is only worth knowing (SQLAlchemy's default pool_timeout
+    equals that assumption: warning on it would flag every app).
+    """
+    assumed = request_timeout_s is None
+    if request_timeout_s is None:
+        request_timeout_s = DEFAULT_REQUEST_TIMEOUT_S
     out: list[Finding] = []
     gauges = (fig.config_timeout, fig.config_recycle, fig.config_pre_ping, fig.expire_on_commit)
     if not any(_known(v) for v in gauges) and not _known(fig.max_connections):
@@ -706,10 +1026,11 @@ def review_config(
             out.append(
                 Finding(
                     "pool_timeout",
-                    WARNING,
+                    INFO if assumed else WARNING,
                     f"pool_timeout {fmt.seconds(timeout)} >= request timeout "
-                    f"{fmt.seconds(request_timeout_s)}: the proxy kills the request before the "
-                    "pool gives up",
+                    f"{fmt.seconds(request_timeout_s)}"
+                    + (" (assumed: pass --request-timeout)" if assumed else "")
+                    + ": the proxy kills the request before the pool gives up",
                     [
                         ("pool_timeout", fmt.seconds(timeout)),
                         ("request timeout", fmt.seconds(request_timeout_s)),
@@ -763,9 +1084,8 @@ def review_config(
         )
 
     if pre_ping_off:
-        broken = sum(
-            v for k, v in (fig.closes_by_reason or {}).items() if k in ("invalidated", "error")
-        )
+        broken_reasons = (semconv.CLOSE_REASON_INVALIDATED, semconv.CLOSE_REASON_ERROR)
+        broken = sum(v for k, v in (fig.closes_by_reason or {}).items() if k in broken_reasons)
         out.append(
             Finding(
                 "pool_pre_ping",
@@ -809,7 +1129,7 @@ def review_config(
 def diagnose(
     fig: Figures,
     *,
-    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+    request_timeout_s: float | None = None,
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
 ) -> Diagnosis:
     """Judge one pool's figures: findings (most severe first) plus the configuration review."""

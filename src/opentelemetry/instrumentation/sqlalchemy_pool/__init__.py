@@ -45,6 +45,7 @@ from opentelemetry.metrics import get_meter
 from opentelemetry import trace
 
 from .config import OPTIONS, load_config
+from .eventloop import EventLoopMonitor, monitor_for
 from .holders import HolderForensics, holders
 from .hooks import Hooks, creator_closure
 from .leaks import LeakDetector
@@ -52,6 +53,7 @@ from .metrics import Telemetry, telemetry_for
 from .package import _instruments
 from .pg_activity import PgActivitySamplers
 from .pools import PoolRegistry
+from .process import observe_process_cpu
 from .sessions import SessionTracking
 from .version import __version__
 from .wait import WaitTimer
@@ -72,6 +74,7 @@ class Installed:
     sessions: SessionTracking
     hooks: Hooks
     pg_activity: PgActivitySamplers | None
+    loop_monitor: EventLoopMonitor | None
 
 
 class SQLAlchemyPoolInstrumentor(BaseInstrumentor):
@@ -93,29 +96,38 @@ class SQLAlchemyPoolInstrumentor(BaseInstrumentor):
 
         # Built in dependency order; data flows hooks -> recorders -> instruments and spans.
         pg = PgActivitySamplers(config) if config.pg_activity else None
+        loop_monitor = None
+        if config.event_loop_monitor:
+            observe_process_cpu(meter)
+            loop_monitor = monitor_for(meter, config.event_loop_block_threshold_ms / 1000.0)
         # The instruments read the registry's pools at collection time, and start the counter
         # series of every new pool at 0 (a new-pool listener of the registry).
         telemetry = telemetry_for(
             meter, lambda: registry.recorders(), pg.items if pg is not None else list
         )
-        registry = PoolRegistry(config, creator_closure, [telemetry] + ([pg] if pg else []))
+        new_pool_listeners = [telemetry] + [x for x in (pg, loop_monitor) if x is not None]
+        registry = PoolRegistry(config, creator_closure, new_pool_listeners)
         leaks = LeakDetector(config, telemetry, registry.recorders)
         # Session tracking always runs (it feeds held-idle time and leak flags); the
         # session_spans option only decides which sessions become spans.
         sessions = SessionTracking(config, leaks, tracer)
         waits = WaitTimer(config, telemetry, tracer, HolderForensics(config))
-        hooks = Hooks(config, registry, telemetry, waits, sessions, leaks)
+        hooks = Hooks(config, registry, telemetry, waits, sessions, leaks, loop_monitor)
 
         with self._state_lock:
             hooks.install(engines)
             leaks.start()
-        self._state = Installed(registry, telemetry, leaks, sessions, hooks, pg)
+            if loop_monitor is not None:
+                loop_monitor.attach_running_loop()  # instrument() called inside the loop
+        self._state = Installed(registry, telemetry, leaks, sessions, hooks, pg, loop_monitor)
 
     def _uninstrument(self, **kwargs: Any) -> None:
         state = self._state
         if state is None:
             return
         with self._state_lock:
+            if state.loop_monitor is not None:
+                state.loop_monitor.detach()
             state.leaks.stop()
             state.hooks.uninstall()
             state.telemetry.drain()  # what garbage collections queued

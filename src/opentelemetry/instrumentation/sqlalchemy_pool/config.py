@@ -131,6 +131,18 @@ OPTIONS: tuple[Option, ...] = (
            'seconds between samples'),
     Option("set_application_name", False, _bool,
            'set `application_name` per pool at connect, so server rows map to pools'),
+    Option("event_loop_monitor", True, _bool,
+           'watch the asyncio event loop the app runs on (lag, busy time, the code sites that '
+           'block it; a watchdog thread) and export process CPU time, so the doctor can tell a '
+           'blocked or CPU-bound worker from a small pool'),
+    Option("event_loop_block_threshold_ms", 20.0, _non_negative_float,
+           'a loop iteration at least this long counts as blocked: the watchdog samples the '
+           'loop thread\'s stack once and its time goes to `sqlalchemy.pool.event_loop.'
+           'blocked_time` under the first user frame'),
+    Option("slow_statement_threshold_ms", 100.0, _non_negative_float,
+           'a timed statement at least this long adds its time to `sqlalchemy.pool.statement.'
+           'slow_time` by the code site that took the connection and the route (`0` = off); '
+           'faster statements cost one comparison'),
 )  # fmt: skip
 
 OPTIONS_BY_NAME: Mapping[str, Option] = {option.name: option for option in OPTIONS}
@@ -151,6 +163,9 @@ class Config:
     pg_activity: bool
     pg_activity_interval_s: float
     set_application_name: bool
+    event_loop_monitor: bool
+    event_loop_block_threshold_ms: float
+    slow_statement_threshold_ms: float
 
     @property
     def wait_span_threshold_s(self) -> float:

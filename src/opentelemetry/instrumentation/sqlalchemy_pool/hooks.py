@@ -13,7 +13,11 @@ private, what breaks if it changes):
   plus a ``gc.callbacks`` entry (the GC flag);
 - private reads: create_engine's creator closure (names, the pg_activity URL), the
   ``_finalize_fairy`` and ``get_connection`` frames up the stack (what SQLAlchemy is in the
-  middle of), ``_ConnectionRecord.__pool``, OTel's ``_RUNTIME_CONTEXT``.
+  middle of), ``_ConnectionRecord.__pool``, OTel's ``_RUNTIME_CONTEXT``;
+- per event loop, not per class (``eventloop.py``, attached when the loop is first seen and
+  removed by ``EventLoopMonitor.detach()`` at uninstrument): an instance attribute over the
+  loop selector's ``select`` (active/idle time), ``sys._current_frames`` (the watchdog's stack
+  sample) and ``/proc/self/task/<tid>/schedstat`` (the loop thread's CPU / run-queue time).
 
 :meth:`Hooks.install` applies :meth:`Hooks.table` (a list of :class:`Patch` / :class:`Listen`
 / :class:`GcCallback` entries); each applied entry pushes its undo; :meth:`Hooks.uninstall`
@@ -53,6 +57,7 @@ from opentelemetry import context as otel_context
 from . import semconv
 from .codesite import find_code_site
 from .config import SESSION_SPANS_ALL, STATEMENT_TIMING_ALL, STATEMENT_TIMING_OFF, Config
+from .eventloop import EventLoopMonitor
 from .leaks import LeakDetector
 from .metrics import Telemetry
 from .pg_activity import application_name_for, apply_application_name
@@ -136,8 +141,10 @@ class Hooks:
         waits: WaitTimer,
         sessions: SessionTracking,
         leaks: LeakDetector,
+        loop_monitor: EventLoopMonitor | None = None,
     ):
         self.config = config
+        self.loop_monitor = loop_monitor
         self.registry = registry
         self.telemetry = telemetry
         self.waits = waits
@@ -369,13 +376,21 @@ class Hooks:
         (the dialect's first-connect initialisation, the application's ``connect`` listeners),
         i.e. until the connection is ready; the checkout wrapper subtracts it from wait_time."""
         create_time = self.telemetry.create_time
+        connect_failed = self.telemetry.connect_failed
 
         def connect(record: Any) -> None:
             recorder = recorder_of(record)
             if recorder is None:
                 return original(record)
             start = perf_counter()
-            original(record)
+            try:
+                original(record)
+            except BaseException as error:
+                try:
+                    connect_failed(recorder, error)
+                except Exception:
+                    log_hook_error("connect failure")
+                raise
             elapsed = perf_counter() - start
             try:
                 # (when it ended, how long it took): the checkout wrapper subtracts it only when
@@ -395,6 +410,8 @@ class Hooks:
         (Engine ``before/after_cursor_execute`` listeners would make SQLAlchemy build a joined
         dispatcher for every Connection of the engine: ~7 % of a request's instructions.)"""
         on_statement = self.sessions.on_statement
+        slow_s = self.config.slow_statement_threshold_ms / 1000.0 or float("inf")
+        slow_statement = self.telemetry.slow_statement
 
         def _execute_context(conn: Any, *args: Any, **kwargs: Any) -> Any:
             hold = None
@@ -421,8 +438,14 @@ class Hooks:
                 return original(conn, *args, **kwargs)
             finally:
                 if hold.t_stmt:
-                    hold.exec_s += perf_counter() - hold.t_stmt
+                    elapsed = perf_counter() - hold.t_stmt
+                    hold.exec_s += elapsed
                     hold.t_stmt = 0.0
+                    if elapsed >= slow_s:  # rare: the common statement pays this comparison
+                        try:
+                            slow_statement(hold, elapsed)
+                        except Exception:
+                            log_hook_error("slow statement")
 
         _execute_context.__wrapped__ = original  # type: ignore[attr-defined]
         return _execute_context
@@ -531,8 +554,13 @@ class Hooks:
         contextvar, nothing else per request. The response counts as sent when its background
         tasks start (``_wrap_background``) or, at the latest, when the ASGI call returns."""
         request_finished = self.sessions.request_finished
+        loop_monitor = self.loop_monitor
 
         async def __call__(app: Any, scope: Any, receive: Any, send: Any) -> None:
+            if loop_monitor is not None and not loop_monitor.attached:
+                # The app's event loop (lifespan startup, else the first request): uvicorn
+                # imports the app, and so runs instrument(), before it starts its loop.
+                loop_monitor.attach_running_loop()
             if scope["type"] != "http" or request_state.get() is not None:
                 await original(app, scope, receive, send)
                 return

@@ -90,6 +90,17 @@ class Telemetry:
             unit="{connection}",
             description="Connections closed or discarded by the pool, by reason.",
         )
+        self.connect_errors = meter.create_counter(
+            semconv.CONNECTION_CONNECT_ERRORS,
+            unit="{error}",
+            description="Failed attempts to open a connection, by error.type (and SQLSTATE).",
+        )
+        self.slow_statement_time = meter.create_counter(
+            semconv.SLOW_STATEMENT_TIME,
+            unit="s",
+            description="Time in statements slower than slow_statement_threshold_ms, by the code "
+            "site that took the connection and the route.",
+        )
         self.leaks = meter.create_counter(
             semconv.LEAKS,
             unit="{event}",
@@ -148,6 +159,7 @@ class Telemetry:
         )
         observe(meter, lambda: self._pg_samplers())
         self._count_attrs: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self._idle_attrs: dict[tuple[str, str | None, bool], dict[str, Any]] = {}
 
     def reset(
         self, recorders: Callable[[], Iterable[PoolRecorder]], pg_samplers: SamplersProvider
@@ -228,7 +240,45 @@ class Telemetry:
         if recorder.statements_timed:  # otherwise statement time is unknown, not zero
             idle = hold.idle_s(now)
             if idle >= HELD_IDLE_MIN_S:
-                self.held_idle_time.record(idle, attrs, context=NO_EXEMPLAR)
+                self.held_idle_time.record(
+                    idle, self._with_transaction(attrs, hold), context=NO_EXEMPLAR
+                )
+
+    def _with_transaction(self, attrs: dict[str, Any], hold: Hold) -> dict[str, Any]:
+        """``attrs`` plus whether the idle time was inside a transaction: the hold ran a
+        statement (DBAPI connections are in a transaction from their first statement unless
+        autocommit). Only for held-idle records (>= 1 ms), not every checkin."""
+        in_transaction = bool(hold.tx_started)
+        key = (attrs[semconv.POOL_NAME], attrs.get(semconv.HTTP_ROUTE), in_transaction)
+        cached = self._idle_attrs.get(key)
+        if cached is None:
+            cached = {**attrs, semconv.HELD_IDLE_IN_TRANSACTION: in_transaction}
+            self._idle_attrs[key] = cached
+        return cached
+
+    def connect_failed(self, recorder: PoolRecorder, error: BaseException) -> None:
+        """A connect attempt failed: counted by the driver's error class (and SQLSTATE), so a
+        server refusing connections ("too many clients") is never invisible."""
+        attrs = {**recorder.attrs, semconv.ERROR_TYPE: error_type(error)}
+        sqlstate = error_sqlstate(error)
+        if sqlstate:
+            attrs[semconv.DB_RESPONSE_STATUS_CODE] = sqlstate
+        self.connect_errors.add(1, attrs)
+
+    def slow_statement(self, hold: Hold, duration: float) -> None:
+        """A statement at least slow_statement_threshold_ms long (rare by definition)."""
+        recorder = hold.recorder
+        attrs = dict(recorder.attrs)
+        request = hold.request
+        route = request.route() if request is not None else None
+        if route:
+            attrs = dict(recorder.route_attrs(route))
+        site = hold.site
+        if site is not None:
+            attrs[semconv.CODE_FUNCTION] = site.function
+            attrs[semconv.CODE_FILE] = site.file
+            attrs[semconv.CODE_LINE] = site.line
+        self.slow_statement_time.add(duration, attrs)
 
     def on_new_pool(self, recorder: PoolRecorder, pool: Any, url: Any) -> None:
         """Every counter series of a new pool starts at 0: Prometheus' increase() sees an event
@@ -257,3 +307,40 @@ class Telemetry:
         if attrs is None:
             attrs = self._count_attrs[key] = {**recorder.attrs, attribute: value}
         getattr(self, counter).add(amount, attrs)
+
+
+# PostgreSQL's SQLSTATE when the server has no connection slot left: "sorry, too many clients
+# already" and "remaining connection slots are reserved for ..." are both 53300.
+TOO_MANY_CONNECTIONS_SQLSTATE = "53300"
+_TOO_MANY_CLIENTS_TEXT = ("too many clients", "remaining connection slots are reserved")
+
+
+def _driver_error(error: BaseException) -> BaseException:
+    """The driver's exception under SQLAlchemy's wrappers (``DBAPIError.orig``, the async
+    adapters' ``raise ... from``)."""
+    for _ in range(5):
+        inner = getattr(error, "orig", None) or error.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        error = inner
+    return error
+
+
+def error_type(error: BaseException) -> str:
+    """``error.type``: the driver's exception class, fully qualified (bounded cardinality)."""
+    cls = type(_driver_error(error))
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def error_sqlstate(error: BaseException) -> str | None:
+    """The SQLSTATE the driver reports (asyncpg/psycopg ``sqlstate``, psycopg2 ``pgcode``);
+    53300 recognised from the message when a driver gives no code."""
+    driver_error = _driver_error(error)
+    for candidate in (error, driver_error):
+        code = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
+        if isinstance(code, str) and code:
+            return code
+    text = str(driver_error).lower()
+    if any(marker in text for marker in _TOO_MANY_CLIENTS_TEXT):
+        return TOO_MANY_CONNECTIONS_SQLSTATE
+    return None

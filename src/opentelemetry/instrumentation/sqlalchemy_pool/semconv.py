@@ -132,3 +132,31 @@ DURATION_BUCKETS: Final = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
     0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
+
+# --- around the pool: what only looks like a pool problem ------------------------------------
+# Event-loop health (asyncio apps; eventloop.py). Modelled on the Node.js conventions
+# (nodejs.eventloop.delay / nodejs.eventloop.time{state}), in this package's namespace.
+EVENT_LOOP_LAG: Final = "sqlalchemy.pool.event_loop.lag"  # Histogram s
+EVENT_LOOP_TIME: Final = "sqlalchemy.pool.event_loop.time"  # Counter s; state
+EVENT_LOOP_BLOCKED_TIME: Final = "sqlalchemy.pool.event_loop.blocked_time"  # Counter s; code.*
+# The loop thread's scheduler time (Linux schedstat): on a CPU, or runnable but waiting for
+# one (the host is short of CPU). Tells a CPU-bound loop from one blocked in a sleeping call.
+EVENT_LOOP_THREAD_TIME: Final = "sqlalchemy.pool.event_loop.thread.time"  # Counter s; state
+EVENT_LOOP_THREAD_STATE: Final = "sqlalchemy.pool.event_loop.thread.state"
+EVENT_LOOP_THREAD_STATE_CPU: Final = "cpu"
+EVENT_LOOP_THREAD_STATE_RUNQUEUE: Final = "runqueue"
+EVENT_LOOP_STATE: Final = "sqlalchemy.pool.event_loop.state"
+EVENT_LOOP_STATE_ACTIVE: Final = "active"
+EVENT_LOOP_STATE_IDLE: Final = "idle"
+# Process CPU (process.py): semconv process.cpu.time's meaning, in our namespace.
+PROCESS_CPU_TIME: Final = "sqlalchemy.pool.process.cpu.time"  # Counter s; cpu.mode
+CPU_MODE: Final = "cpu.mode"
+# Connects that failed, by error.type (the DBAPI error class) and, when the driver gives one,
+# db.response.status_code (SQLSTATE; 53300 = the server has no connection slot left).
+CONNECTION_CONNECT_ERRORS: Final = "sqlalchemy.pool.connection.connect_errors"  # Counter
+DB_RESPONSE_STATUS_CODE: Final = "db.response.status_code"
+# Time in statements longer than slow_statement_threshold_ms, by code site and route: only
+# slow statements are recorded, so the common checkout pays a comparison.
+SLOW_STATEMENT_TIME: Final = "sqlalchemy.pool.statement.slow_time"  # Counter s; code.*, route
+# On held_idle_time: whether the idle time was inside a database transaction.
+HELD_IDLE_IN_TRANSACTION: Final = "sqlalchemy.pool.held_idle.in_transaction"  # bool
