@@ -81,6 +81,52 @@ CASES = [
         WARNING,
     ),
     (
+        "cpu_bound_worker_without_contention_is_only_info",
+        fig(CPU_BOUND),
+        HEALTHY,
+        {WORKER_CPU_SATURATED, HEALTHY},
+        {EVENT_LOOP_BLOCKED},
+        INFO,
+    ),
+    (
+        "host_short_of_cpu_long_iterations_are_not_blocking_calls",
+        # Every iteration is long because the thread waits for a CPU (run queue), not because
+        # it sleeps in a call; the loop is not saturated: healthy.
+        fig(
+            cpu_cores=0.28,
+            loop_active_share=0.73,
+            loop_cpu_demand=0.78,
+            loop_runqueue_share=0.51,
+            loop_blocked_share=0.12,
+        ),
+        HEALTHY,
+        {HEALTHY},
+        {EVENT_LOOP_BLOCKED, WORKER_CPU_SATURATED},
+        OK,
+    ),
+    (
+        "sleeping_loop_with_scheduler_times_is_blocked",
+        fig(
+            SATURATED,
+            cpu_cores=0.1,
+            loop_active_share=0.98,
+            loop_cpu_demand=0.25,
+            loop_blocked_share=0.7,
+        ),
+        EVENT_LOOP_BLOCKED,
+        {EVENT_LOOP_BLOCKED},
+        {WORKER_CPU_SATURATED, UNDERSIZED_POOL},
+        CRITICAL,
+    ),
+    (
+        "pool_exactly_full_with_nobody_waiting_is_not_contention",
+        fig(saturated_share=0.4, used_max=15, pending_max=0, wait_p99=0.0003),
+        HEALTHY,
+        {HEALTHY},
+        {UNDERSIZED_POOL},
+        OK,
+    ),
+    (
         "busy_loop_below_thresholds_is_healthy",
         fig(cpu_cores=0.5, loop_active_share=0.6, loop_blocked_share=0.02),
         HEALTHY,

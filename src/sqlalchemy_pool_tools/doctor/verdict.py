@@ -90,15 +90,18 @@ SLOW_STATEMENT_S = 0.1
 # A worker using this much of one core is saturated: its event loop (one thread) cannot go
 # faster, and every connection it holds waits for the loop between statements.
 CPU_SATURATED_CORES = 0.85
-# An event loop running callbacks this share of the time has no slack left ...
-LOOP_SATURATED_SHARE = 0.9
+# An event loop running callbacks this share of the time has little slack left (queueing
+# grows steeply past ~80% busy, as for the pool) ...
+LOOP_SATURATED_SHARE = 0.8
 # ... and it is CPU-bound (not blocked in a sleeping call) when at least this share of that
 # time its thread was on a CPU or runnable waiting for one (the rest: sleeping in blocking
 # I/O / sleep calls). Without the thread's scheduler times, process CPU time stands in.
 CPU_BOUND_SHARE = 0.5
 # Share of the time spent in loop iterations longer than the block threshold (default 20 ms):
 # every other request on the worker waits that long. 10% of the time is already visible in
-# p99 latency and makes every hold on the worker look longer.
+# p99 latency and makes every hold on the worker look longer. Counted only as far as the loop
+# thread was neither on a CPU nor waiting for one (sleeping in a call): on a host short of
+# CPU every iteration gets long, which is not a blocking call.
 LOOP_BLOCKED_SHARE = 0.1
 # Requests answered 5xx beyond this share: something fails, whatever the pool figures say.
 FAILING_REQUEST_SHARE = 0.01
@@ -258,7 +261,10 @@ def _signals(fig: Figures) -> _Signals:
     contention = []
     if _gt(fig.timeouts, 0):
         contention.append(f"{fmt.count(fig.timeouts)} checkout timeouts")
-    if _ge(fig.saturated_share, SATURATED_SHARE):
+    # Full pool counts when someone had to wait for it: exactly full with nobody queued is a
+    # pool sized right (the queue and the wait quantiles tell).
+    waited = not _known(fig.pending_max) or fig.pending_max > 0 or _ge(fig.wait_p99, 0.01)
+    if _ge(fig.saturated_share, SATURATED_SHARE) and waited:
         contention.append(f"pool full {fmt.share(fig.saturated_share)} of the window")
     if enough and _ge(fig.wait_p99, SLOW_WAIT_P99_S):
         contention.append(f"checkout wait p99 {fmt.seconds(fig.wait_p99)}")
@@ -688,21 +694,30 @@ def _pool_symptoms(fig: Figures, sig: _Signals) -> list[tuple[str, str] | None]:
     ]
 
 
-def _loop_in_trouble(fig: Figures) -> bool:
-    return _ge(fig.loop_active_share, LOOP_SATURATED_SHARE) or _ge(
-        fig.loop_blocked_share, LOOP_BLOCKED_SHARE
-    )
-
-
 def _cpu_bound(fig: Figures) -> bool:
-    """The worker's CPU is the limit: it uses a core, or its loop is saturated/blocked and
-    spends that time computing (or waiting for a CPU) rather than sleeping in a call."""
+    """The worker's CPU is the limit: it uses a core, or its loop is saturated and spends that
+    time computing (or waiting for a CPU) rather than sleeping in a call."""
     if _ge(fig.cpu_cores, CPU_SATURATED_CORES):
         return True
-    if not _loop_in_trouble(fig) or not _known(fig.loop_active_share):
+    if not _ge(fig.loop_active_share, LOOP_SATURATED_SHARE):
         return False
     wanted_cpu = fig.loop_cpu_demand if _known(fig.loop_cpu_demand) else fig.cpu_cores
     return _known(wanted_cpu) and wanted_cpu >= CPU_BOUND_SHARE * fig.loop_active_share
+
+
+def _sleeping_share(fig: Figures) -> float | None:
+    """Share of the time the loop was busy but its thread neither ran nor waited for a CPU:
+    inside blocking calls (sleep, synchronous I/O). None without scheduler times."""
+    if not _known(fig.loop_active_share, fig.loop_cpu_demand):
+        return None
+    return max(0.0, fig.loop_active_share - fig.loop_cpu_demand)
+
+
+def _blocked_by_calls(fig: Figures) -> bool:
+    if not _ge(fig.loop_blocked_share, LOOP_BLOCKED_SHARE) or _cpu_bound(fig):
+        return False
+    sleeping = _sleeping_share(fig)
+    return sleeping is None or sleeping >= LOOP_BLOCKED_SHARE
 
 
 def _worker_finding(
@@ -710,9 +725,13 @@ def _worker_finding(
 ) -> Finding:
     """A stalled worker: the same evidence and culprits (where the loop was found running)
     whatever stalls it; never a bigger pool and never max_connections."""
+    if _gt(fig.timeouts, 0) or sig.contention:
+        severity = CRITICAL
+    else:  # no queue for connections: a blocked loop still delays requests, a busy CPU not yet
+        severity = WARNING if kind == EVENT_LOOP_BLOCKED else INFO
     return Finding(
         kind=kind,
-        severity=CRITICAL if sig.contention or _gt(fig.timeouts, 0) else WARNING,
+        severity=severity,
         title=title,
         evidence=_lines(*_worker_lines(fig), *_pool_symptoms(fig, sig)),
         culprits=list(fig.blocking_sites or []) + list(fig.top_routes or []),
@@ -749,7 +768,7 @@ def _worker_saturated(fig: Figures, sig: _Signals) -> Finding | None:
 
 
 def _loop_blocked(fig: Figures, sig: _Signals) -> Finding | None:
-    if not _loop_in_trouble(fig) or _cpu_bound(fig):
+    if not _blocked_by_calls(fig):
         return None
     where = f" (mostly in {fig.blocking_sites[0].split(' - ')[0]})" if fig.blocking_sites else ""
     return _worker_finding(
@@ -930,7 +949,7 @@ def _pool_findings(fig: Figures) -> list[Finding]:
     if sig.leak:
         findings.append(_leaked(fig, sig))
     idle_tx = None
-    if worker is None:
+    if worker is None or worker.severity == INFO:
         # With a stalled worker, idle and statement times include waiting for the loop:
         # symptoms, not causes.
         idle_tx = _idle_in_tx(fig, sig)
@@ -939,7 +958,13 @@ def _pool_findings(fig: Figures) -> list[Finding]:
         if sig.slow:
             findings.append(_slow(fig, sig))
     undersized = False
-    explained = worker or connect or sig.leak or sig.slow or sig.held_idle
+    explained = (
+        (worker is not None and worker.severity != INFO)
+        or connect
+        or sig.leak
+        or sig.slow
+        or sig.held_idle
+    )
     if sig.contention and not explained:
         if _known(fig.use_p95) and fig.use_p95 < LONG_HOLD_P95_S:
             findings.append(_undersized(fig, sig))
