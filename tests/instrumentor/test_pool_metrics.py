@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 from sqlalchemy.pool.base import _ConnectionFairy
@@ -206,6 +207,28 @@ def test_name_from_url_without_credentials(otel, make_sync_engine, sync_url):
         for p in otel.points("db.client.connection.count")
     }
     assert names == {name, f"{name}#2"}
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            "postgresql+psycopg://app@/orders?host=/var/run/postgresql",
+            "unix:/var/run/postgresql/orders",
+        ),
+        ("postgresql+psycopg://app@/orders", "local socket/orders"),
+        ("postgresql+psycopg://app@db.internal:6432/orders", "db.internal:6432/orders"),
+    ],
+)
+def test_unix_socket_pools_are_not_named_localhost(otel, url, expected):
+    engine = sa.create_engine(url)  # never connects: explicit engines are named at instrument()
+    otel.instrument(engine=engine)
+    names = {
+        p.attributes["db.client.connection.pool.name"]
+        for p in otel.points("db.client.connection.max")
+    }
+    assert names == {expected}
+    engine.dispose()
 
 
 def test_pool_name_override_kwarg_and_env(otel, make_sync_engine, monkeypatch):

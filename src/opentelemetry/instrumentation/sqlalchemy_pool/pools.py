@@ -195,9 +195,12 @@ class PoolRegistry:
 def name_from_parts(host: Any, port: Any, database: Any) -> str | None:
     if host is None and database is None:
         return None
-    host_text = str(host) if host else "localhost"
     if isinstance(host, (list, tuple)):
         host_text = ",".join(map(str, host))
+    elif not host:  # no host: libpq and asyncpg use the server's default unix socket first
+        host_text = "local socket"
+    else:
+        host_text = f"unix:{host}" if str(host).startswith("/") else str(host)
     location = f"{host_text}:{port}" if port else host_text
     return f"{location}/{database or ''}"
 
