@@ -91,7 +91,7 @@ CASES = [
     (
         "host_short_of_cpu_long_iterations_are_not_blocking_calls",
         # Every iteration is long because the thread waits for a CPU (run queue), not because
-        # it sleeps in a call; the loop is not saturated: healthy.
+        # it sleeps in a call; with nobody queueing for connections that is worth knowing only.
         fig(
             cpu_cores=0.28,
             loop_active_share=0.73,
@@ -100,9 +100,26 @@ CASES = [
             loop_blocked_share=0.12,
         ),
         HEALTHY,
-        {HEALTHY},
-        {EVENT_LOOP_BLOCKED, WORKER_CPU_SATURATED},
-        OK,
+        {HEALTHY, WORKER_CPU_SATURATED},
+        {EVENT_LOOP_BLOCKED},
+        INFO,
+    ),
+    (
+        "host_short_of_cpu_with_contention_is_the_worker_not_the_pool",
+        fig(
+            SATURATED,
+            cpu_cores=0.19,
+            loop_active_share=0.79,
+            loop_cpu_demand=0.79,
+            loop_runqueue_share=0.61,
+            loop_blocked_share=0.72,
+            busy_mean=0.17,
+            held_idle_share=0.34,
+        ),
+        WORKER_CPU_SATURATED,
+        {WORKER_CPU_SATURATED},
+        {EVENT_LOOP_BLOCKED, UNDERSIZED_POOL, SLOW_QUERIES},
+        CRITICAL,
     ),
     (
         "sleeping_loop_with_scheduler_times_is_blocked",

@@ -90,9 +90,9 @@ SLOW_STATEMENT_S = 0.1
 # A worker using this much of one core is saturated: its event loop (one thread) cannot go
 # faster, and every connection it holds waits for the loop between statements.
 CPU_SATURATED_CORES = 0.85
-# An event loop running callbacks this share of the time has little slack left (queueing
-# grows steeply past ~80% busy, as for the pool) ...
-LOOP_SATURATED_SHARE = 0.8
+# An event loop running callbacks (or its thread wanting a CPU) this share of the time has
+# little slack left: queueing grows steeply past ~75-80% busy, as for the pool ...
+LOOP_SATURATED_SHARE = 0.75
 # ... and it is CPU-bound (not blocked in a sleeping call) when at least this share of that
 # time its thread was on a CPU or runnable waiting for one (the rest: sleeping in blocking
 # I/O / sleep calls). Without the thread's scheduler times, process CPU time stands in.
@@ -699,10 +699,11 @@ def _cpu_bound(fig: Figures) -> bool:
     time computing (or waiting for a CPU) rather than sleeping in a call."""
     if _ge(fig.cpu_cores, CPU_SATURATED_CORES):
         return True
-    if not _ge(fig.loop_active_share, LOOP_SATURATED_SHARE):
-        return False
     wanted_cpu = fig.loop_cpu_demand if _known(fig.loop_cpu_demand) else fig.cpu_cores
-    return _known(wanted_cpu) and wanted_cpu >= CPU_BOUND_SHARE * fig.loop_active_share
+    if not _known(fig.loop_active_share, wanted_cpu):
+        return False
+    busy = max(fig.loop_active_share, wanted_cpu)
+    return busy >= LOOP_SATURATED_SHARE and wanted_cpu >= CPU_BOUND_SHARE * fig.loop_active_share
 
 
 def _sleeping_share(fig: Figures) -> float | None:
