@@ -105,6 +105,15 @@ CASES = [
         INFO,
     ),
     (
+        "cpu_bound_worker_with_a_big_pool_still_makes_requests_wait",
+        # The pool was raised until nobody queues for a connection: the queue moved to the CPU.
+        fig(CPU_BOUND, loop_lag_p99=0.37, use_mean=0.18, use_p95=0.4, busy_mean=0.13),
+        WORKER_CPU_SATURATED,
+        {WORKER_CPU_SATURATED},
+        {UNDERSIZED_POOL, SLOW_QUERIES},
+        WARNING,
+    ),
+    (
         "host_short_of_cpu_with_contention_is_the_worker_not_the_pool",
         fig(
             SATURATED,

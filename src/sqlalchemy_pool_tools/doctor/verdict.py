@@ -103,6 +103,9 @@ CPU_BOUND_SHARE = 0.5
 # thread was neither on a CPU nor waiting for one (sleeping in a call): on a host short of
 # CPU every iteration gets long, which is not a blocking call.
 LOOP_BLOCKED_SHARE = 0.1
+# The loop runs callbacks this late at p99: every request waits that long (same bar as the
+# checkout wait p99). A CPU-bound worker without pool contention is a problem from here on.
+SLOW_LOOP_LAG_P99_S = 0.1
 # Requests answered 5xx beyond this share: something fails, whatever the pool figures say.
 FAILING_REQUEST_SHARE = 0.01
 # Connect failures beyond this share of checkouts are critical (requests are failing now).
@@ -728,8 +731,10 @@ def _worker_finding(
     whatever stalls it; never a bigger pool and never max_connections."""
     if _gt(fig.timeouts, 0) or sig.contention:
         severity = CRITICAL
-    else:  # no queue for connections: a blocked loop still delays requests, a busy CPU not yet
-        severity = WARNING if kind == EVENT_LOOP_BLOCKED else INFO
+    elif kind == EVENT_LOOP_BLOCKED or _ge(fig.loop_lag_p99, SLOW_LOOP_LAG_P99_S):
+        severity = WARNING  # no queue for connections, but requests wait for the loop
+    else:
+        severity = INFO  # a busy worker that keeps up
     return Finding(
         kind=kind,
         severity=severity,
