@@ -11,6 +11,7 @@ import logging
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
+from time import perf_counter
 from typing import Any
 
 from opentelemetry.context import Context, create_key
@@ -273,7 +274,7 @@ class Telemetry:
         route = request.route() if request is not None else None
         if route:
             attrs = dict(recorder.route_attrs(route))
-        site = hold.site
+        site = hold.where(perf_counter())  # the statement's line while the holder runs it
         if site is not None:
             attrs[semconv.CODE_FUNCTION] = site.function
             attrs[semconv.CODE_FILE] = site.file
