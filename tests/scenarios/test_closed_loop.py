@@ -28,9 +28,14 @@ def test_bigger_pool_fixes_the_undersized_pool(scenario) -> None:
     after = scenario(
         "undersized", "/items/7", connections=12, env={"SCENARIO_POOL_SIZE": str(suggested)}
     )
-    assert after.verdict != UNDERSIZED_POOL, after.explain()
-    assert after.diagnosis.figures.wait_p99 < before.diagnosis.figures.wait_p99 / 2
+    # The wait users saw is gone and throughput grew. The advice says throughput was capped
+    # by the pool and to measure again: at the new rate the pool may sit near its new limit
+    # (a warning), never failing checkouts.
+    fig = after.diagnosis.figures
+    assert fig.timeouts == 0 and fig.wait_p99 < 0.1, after.explain()
+    assert fig.wait_p99 < before.diagnosis.figures.wait_p99 / 2
     assert after.load.rps > before.load.rps * 1.3, (before.load.rps, after.load.rps)
+    assert after.diagnosis.severity != "critical", after.explain()
 
 
 def test_fresh_session_in_the_task_fixes_the_leak(scenario) -> None:
