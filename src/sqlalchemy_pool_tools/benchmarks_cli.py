@@ -4,7 +4,8 @@ Bare SQLAlchemy, the official ``opentelemetry-instrumentation-sqlalchemy`` pool 
 our instrumentor in three configurations, on a real PostgreSQL (embedded unless
 ``--database-url``/``$DATABASE_URL``), with a real OTel SDK collecting periodically:
 checkout cycles (sync/async, empty or ``SELECT 1``), 200 asyncio waiters on a pool of 5,
-FastAPI + asyncpg on uvicorn under wrk, and memory growth. Prints a markdown report; targets
+FastAPI + asyncpg on uvicorn under a calibrated load generator, the OTel stack a user runs
+(realapp), and memory growth. Prints a markdown report; targets
 are shown next to the results and never change the exit status. Exit 1 only when a
 verification fails (a checkout the wait_time histogram did not record).
 
@@ -83,9 +84,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--load-generator",
-        choices=("auto", "wrk", "httpx"),
-        default="auto",
-        help="e2e load generator (default: wrk when installed)",
+        choices=("builtin", "hey"),
+        default="builtin",
+        help="load generator of the e2e and realapp scenarios (sqlalchemy_pool_tools.loadgen; "
+        "default: builtin)",
     )
     parser.add_argument(
         "--profile",

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy.engine import URL
 
 from sqlalchemy_pool_tools import benchmarks_cli
-from sqlalchemy_pool_tools.bench import e2e, instructions, suite
+from sqlalchemy_pool_tools.bench import instructions, suite
 from sqlalchemy_pool_tools.bench.harness import CYCLE_VARIANTS, WAIT_VARIANTS
 from sqlalchemy_pool_tools.errors import UserError
 
@@ -186,26 +186,6 @@ def test_only_accepts_aliases() -> None:
     assert suite.parse_only("select,sync") == ("sync", "sync-select", "async-select")
     assert suite.parse_only(None) == suite.SCENARIOS
     assert suite.parse_only("all") == suite.SCENARIOS
-
-
-def test_wrk_output_parser() -> None:
-    output = """Running 2s test @ http://127.0.0.1:1/q
-  1 threads and 20 connections
-  Latency Distribution
-     50%  850.00us
-     75%    1.20ms
-     90%    2.00ms
-     99%    1.50s
-  1234 requests in 2.00s, 100.00KB read
-  Non-2xx or 3xx responses: 3
-Requests/sec:    617.00
-"""
-    parsed = e2e.parse_wrk(output)
-    assert parsed["rps"] == 617.0
-    assert parsed["p50_ms"] == pytest.approx(0.85)
-    assert parsed["p99_ms"] == pytest.approx(1500.0)
-    assert parsed["requests"] == 1234
-    assert parsed["errors"] == 3
 
 
 def test_source_checkout_wrapper_help() -> None:

@@ -2,23 +2,22 @@
 
 Runs alternate in an ABBA order (bare, ours, ours, bare, ...) so a drifting machine load
 does not favour one mode; each run is a fresh uvicorn process: a warm-up load, then the
-measured load, then the app's own request and checkout counts. The load comes from ``wrk``
-(a C load generator that leaves the CPU to the app) or, without it, a small httpx client.
+measured load, then the app's own request and checkout counts. The load comes from the
+calibrated generators of ``sqlalchemy_pool_tools.loadgen`` (issue 17: the built-in one in its own
+process, or hey); wrk is not used (its percentiles failed the calibration).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import re
-import shutil
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from sqlalchemy.engine import URL
@@ -148,123 +147,60 @@ class AppServer:
 
 
 # --------------------------------------------------------------------------------------------
-# Load generators
+# Load
 # --------------------------------------------------------------------------------------------
-_WRK_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+def load(
+    url: str,
+    connections: int,
+    duration_s: float,
+    generator: str = "builtin",
+    headers: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Closed-loop load from the calibrated generators of ``sqlalchemy_pool_tools.loadgen``
+    (built-in, or hey): requests/s, p50/p99 (ms), answered requests and errors."""
+    from sqlalchemy_pool_tools.loadgen import LoadSpec, generate
 
-
-def parse_wrk(output: str) -> dict[str, Any]:
-    """Requests/s, p50/p99 latency (ms), request and error counts from ``wrk --latency``."""
-
-    def latency(pct: str) -> float | None:
-        match = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s|m)\s*$", output, re.M)
-        return float(match.group(1)) * _WRK_UNITS[match.group(2)] if match else None
-
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
-    total = re.search(r"(\d+) requests in", output)
-    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
-    socket_errors = re.search(
-        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+    parts = urlsplit(url)
+    run = generate(
+        LoadSpec(
+            base_url=f"{parts.scheme}://{parts.netloc}",
+            paths=[parts.path],
+            duration_s=max(0.5, duration_s),
+            connections=connections,
+            timeout_s=60.0,
+            generator=generator,
+            headers=headers or {},
+        )
     )
-    errors = int(non2xx.group(1)) if non2xx else 0
-    if socket_errors:
-        errors += sum(int(g) for g in socket_errors.groups())
-    if rps is None or total is None:
-        raise RuntimeError(f"could not parse wrk output: {output.strip()[-200:]!r}")
+    if not run.requests:
+        raise RuntimeError("the load generator got no answer")
+    ok = run.requests - run.non_2xx
+    latency = run.latency_s
     return {
-        "rps": float(rps.group(1)),
-        "p50_ms": latency("50"),
-        "p99_ms": latency("99"),
-        "requests": int(total.group(1)),
-        "errors": errors,
+        "rps": ok / run.duration_s if run.duration_s else 0.0,
+        "p50_ms": latency["p50"] * 1000 if "p50" in latency else None,
+        "p99_ms": latency["p99"] * 1000 if "p99" in latency else None,
+        "max_ms": latency["max"] * 1000 if "max" in latency else None,
+        "requests": ok,
+        "errors": run.errors,
+        "elapsed_s": run.duration_s,
+        "generator": run.generator,
     }
-
-
-def wrk_load(url: str, connections: int, duration_s: float) -> dict[str, Any]:
-    command = [
-        "wrk",
-        "-t1",
-        f"-c{connections}",
-        f"-d{max(1, round(duration_s))}s",
-        "--latency",
-        "--timeout",
-        "30s",
-        url,
-    ]
-    done = subprocess.run(
-        command, capture_output=True, text=True, timeout=duration_s + 60, check=False
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"wrk failed: {done.stderr.strip() or done.stdout.strip()}")
-    return parse_wrk(done.stdout)
-
-
-def httpx_load(url: str, connections: int, duration_s: float) -> dict[str, Any]:
-    """Closed-loop load: ``connections`` clients, each sending its next request on reply."""
-
-    async def main() -> dict[str, Any]:
-        latencies: list[float] = []
-        errors = 0
-        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-        async with httpx.AsyncClient(limits=limits, timeout=30.0) as client:
-            start = time.perf_counter()
-            deadline = start + duration_s
-
-            async def client_loop() -> None:
-                nonlocal errors
-                while time.perf_counter() < deadline:
-                    t0 = time.perf_counter()
-                    try:
-                        response = await client.get(url)
-                        if response.status_code != 200:
-                            errors += 1
-                    except httpx.HTTPError:
-                        errors += 1
-                    latencies.append(time.perf_counter() - t0)
-
-            await asyncio.gather(*(client_loop() for _ in range(connections)))
-            elapsed = time.perf_counter() - start
-        latencies.sort()
-
-        def pct(p: float) -> float | None:
-            if not latencies:
-                return None
-            return latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))] * 1000
-
-        return {
-            "rps": len(latencies) / elapsed,
-            "p50_ms": pct(50),
-            "p99_ms": pct(99),
-            "requests": len(latencies),
-            "errors": errors,
-        }
-
-    return asyncio.run(main())
-
-
-def pick_generator(name: str) -> tuple[str, Callable[[str, int, float], dict[str, Any]]]:
-    if name == "auto":
-        name = "wrk" if shutil.which("wrk") else "httpx"
-    if name == "wrk":
-        if not shutil.which("wrk"):
-            raise RuntimeError("wrk is not installed (use --load-generator httpx)")
-        return "wrk", wrk_load
-    return "httpx", httpx_load
 
 
 # --------------------------------------------------------------------------------------------
 # The scenario
 # --------------------------------------------------------------------------------------------
-def one_run(
-    mode: str, url: URL, settings: Any, load: Callable[[str, int, float], dict[str, Any]]
-) -> dict[str, Any]:
+def one_run(mode: str, url: URL, settings: Any) -> dict[str, Any]:
     with AppServer.e2e(mode, url, settings.pool_size, settings.export_interval_ms) as server:
         server.wait_ready()
         target = f"{server.base}/q"
-        load(target, settings.e2e_connections, settings.e2e_warmup_s)
+        load(target, settings.e2e_connections, settings.e2e_warmup_s, settings.load_generator)
         served0 = server.stats()["requests"]
         cpu0 = server.cpu_seconds()
-        result = load(target, settings.e2e_connections, settings.e2e_duration_s)
+        result = load(
+            target, settings.e2e_connections, settings.e2e_duration_s, settings.load_generator
+        )
         cpu1 = server.cpu_seconds()
         stats = server.stats()
     # Server CPU per request: robust to a busy machine (throughput and latency are not).
@@ -282,13 +218,13 @@ def one_run(
 
 
 def run_e2e_scenario(url_async: URL, settings: Any, progress: Progress) -> dict[str, Any]:
-    generator, load = pick_generator(settings.load_generator)
+    generator = settings.load_generator
     order: list[str] = []
     for pair in range(settings.e2e_pairs):
         order.extend(MODES if pair % 2 == 0 else tuple(reversed(MODES)))
     runs: list[dict[str, Any]] = []
     for i, mode in enumerate(order):
-        result = one_run(mode, url_async, settings, load)
+        result = one_run(mode, url_async, settings)
         runs.append(result)
         progress(
             f"[e2e] run {i + 1}/{len(order)} {mode:<4} {result['rps']:8.1f} req/s "
@@ -340,7 +276,7 @@ def run_e2e_scenario(url_async: URL, settings: Any, progress: Progress) -> dict[
         "kind": "e2e",
         "title": f"end to end: FastAPI + asyncpg on uvicorn, pool_size={settings.pool_size} "
         f"max_overflow=0, {settings.e2e_connections} concurrent connections, "
-        f"{settings.e2e_duration_s:g} s per run, {generator}",
+        f"{settings.e2e_duration_s:g} s per run, calibrated generator ({generator})",
         "generator": generator,
         "rows": rows,
         "runs": runs,

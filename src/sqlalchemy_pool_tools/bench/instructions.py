@@ -10,7 +10,7 @@ periodic reader does not collect during the run (its cost is in the timed scenar
 
 The same is done for one request of the end-to-end app (``e2e_app``: FastAPI instrumentor,
 request-scoped ``AsyncSession``, ``SELECT 1`` on asyncpg), driven in-process through httpx's
-ASGI transport one request at a time: the steadier counterpart of the wrk run, whose
+ASGI transport one request at a time: the steadier counterpart of the load run, whose
 requests/s move by a third between identical runs on a shared machine.
 
 Spans triggered by wall-clock thresholds (a checkout waiting >= 100 ms, a session holding a

@@ -33,12 +33,11 @@ import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 from sqlalchemy.engine import URL
 
-from .e2e import AppServer, free_port
+from .e2e import AppServer, free_port, load
 from .harness import child_env, median, ours_file
 
 Progress = Callable[[str], None]
@@ -95,39 +94,6 @@ def auth_header() -> str:
     return f"Bearer {make_token(USER_ID)}"
 
 
-# --------------------------------------------------------------------------------------------
-# Load
-# --------------------------------------------------------------------------------------------
-def load(url: str, clients: int, duration_s: float, headers: dict[str, str]) -> dict[str, Any]:
-    """Closed-loop load from the calibrated generator (``loadgen``, issue 17)."""
-    from sqlalchemy_pool_tools.loadgen import LoadSpec, generate
-
-    parts = urlsplit(url)
-    run = generate(
-        LoadSpec(
-            base_url=f"{parts.scheme}://{parts.netloc}",
-            paths=[parts.path],
-            duration_s=max(0.5, duration_s),
-            connections=clients,
-            timeout_s=60.0,
-            headers=headers,
-        )
-    )
-    if not run.requests:
-        raise RuntimeError("the load generator got no answer")
-    latency = run.latency_s
-    return {
-        "requests": run.requests - run.errors,
-        "errors": run.errors,
-        "elapsed_s": run.duration_s,
-        "rps": (run.requests - run.errors) / run.duration_s if run.duration_s else 0.0,
-        "p50_ms": latency["p50"] * 1000 if "p50" in latency else None,
-        "p99_ms": latency["p99"] * 1000 if "p99" in latency else None,
-        "max_ms": latency["max"] * 1000 if "max" in latency else None,
-        "generator": run.generator,
-    }
-
-
 def scrape_count(prometheus_port: int, metric: str) -> int | None:
     """Sum of ``metric`` over its series on the app's Prometheus endpoint (None: absent)."""
     text = httpx.get(f"http://127.0.0.1:{prometheus_port}/metrics", timeout=30.0).text
@@ -150,11 +116,13 @@ def one_run(mode: str, url: URL, settings: Any) -> dict[str, Any]:
     with AppServer(APP, env, launcher=LAUNCHER) as server:
         server.wait_ready()
         target = f"{server.base}{PATH}"
-        load(target, clients, settings.realapp_warmup_s, headers)
+        load(target, clients, settings.realapp_warmup_s, settings.load_generator, headers)
         before = server.stats()
         served0 = before["requests"]
         cpu0 = server.cpu_seconds()
-        result = load(target, clients, settings.realapp_duration_s, headers)
+        result = load(
+            target, clients, settings.realapp_duration_s, settings.load_generator, headers
+        )
         cpu1 = server.cpu_seconds()
         stats = server.stats()
         recorded = scrape_count(prometheus_port, WAIT_TIME_COUNT)
@@ -263,7 +231,8 @@ def run_realapp_scenario(url_sync: URL, url_async: URL, settings: Any, progress:
         "kind": "realapp",
         "title": f"real app: FastAPI + JWT check + PK lookup (asyncpg, pool 5+10) under "
         f"opentelemetry-instrument, {settings.realapp_clients} closed-loop clients, "
-        f"{settings.realapp_duration_s:g} s per run, calibrated generator (loadgen)",
+        f"{settings.realapp_duration_s:g} s per run, calibrated generator "
+        f"({settings.load_generator})",
         "clients": settings.realapp_clients,
         "rows": summarize(runs),
         "runs": runs,

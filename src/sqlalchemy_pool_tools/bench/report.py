@@ -476,7 +476,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"official opentelemetry-instrumentation-sqlalchemy "
         f"{v('opentelemetry-instrumentation-sqlalchemy')}, psycopg {v('psycopg')}, "
         f"asyncpg {v('asyncpg')}, PostgreSQL {machine.get('postgresql')}, "
-        f"FastAPI {v('fastapi')}, uvicorn {v('uvicorn')}, wrk {machine.get('wrk') or '—'}",
+        f"FastAPI {v('fastapi')}, uvicorn {v('uvicorn')}; load generator "
+        f"{settings.get('load_generator', '—')} (sqlalchemy_pool_tools.loadgen)",
         f"- Profile `{settings['profile']}`: {settings['rounds']} rounds, variants round-robin "
         "(rotating order) in each round; medians over rounds; ratios and differences are "
         "medians of same-round pairs. Every block: fresh engine and a fresh SDK MeterProvider "

@@ -63,7 +63,7 @@ class Settings:
     e2e_connections: int = 20
     memory_leak_every: int = 10
     export_interval_ms: float = 100.0
-    load_generator: str = "auto"
+    load_generator: str = "builtin"  # loadgen: builtin | hey
     memory_gc: str = "natural"  # natural | explicit (see bench/memory.py)
     memory_stall_s: float = 90.0
     # realapp (issue 16): the OTel stack a user runs, ours off vs on
@@ -179,17 +179,6 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _wrk_version() -> str | None:
-    if not shutil.which("wrk"):
-        return None
-    try:
-        out = subprocess.run(["wrk", "-v"], capture_output=True, text=True, timeout=5, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    first = (out.stdout or out.stderr).strip().splitlines()
-    return first[0].split(" [")[0] if first else None
-
-
 def _postgres_version(url: URL) -> str | None:
     import sqlalchemy as sa
     from sqlalchemy.pool import NullPool
@@ -257,7 +246,6 @@ def machine_info(url_sync: URL | None) -> dict[str, Any]:
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "versions": {p: _version(p) for p in packages},
         "postgresql": _postgres_version(url_sync) if url_sync is not None else None,
-        "wrk": _wrk_version(),
         "loadavg_start": load,
         "ours_source": _ours_source(),
     }
