@@ -221,7 +221,7 @@ def run_realapp_scenario(url_sync: URL, url_async: URL, settings: Any, progress:
     instructions = None
     if settings.realapp_requests and shutil.which("valgrind"):
         instructions = count_instructions(url_async, settings.realapp_requests)
-        for mode in MODES:
+        for mode in ("off", "floor", "on"):
             progress(
                 f"[realapp] instructions/request {mode:<3} "
                 f"{instructions['per_request'][mode]:>12,.0f}"
@@ -269,17 +269,18 @@ def _count(url: URL, mode: str, requests: int, timeout_s: float = 1800) -> int:
 
 
 def count_instructions(url: URL, requests: int) -> dict[str, Any]:
-    runs = [(mode, n) for mode in MODES for n in (0, requests)]
+    """Instructions per request for off, floor and on (each a 0- and an N-request child)."""
+    modes = ("off", "floor", "on")
+    runs = [(mode, n) for mode in modes for n in (0, requests)]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         counts = dict(zip(runs, pool.map(lambda run: _count(url, *run), runs), strict=True))
-    per_request = {
-        mode: (counts[(mode, requests)] - counts[(mode, 0)]) / requests for mode in MODES
-    }
+    per_request = {m: (counts[(m, requests)] - counts[(m, 0)]) / requests for m in modes}
     return {
         "requests": requests,
         "per_request": per_request,
         "ratio": per_request["on"] / per_request["off"],
         "added": per_request["on"] - per_request["off"],
+        "floor_added": per_request["floor"] - per_request["off"],
     }
 
 
