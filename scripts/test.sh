@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (README): installs what the tests need, then runs
 # ruff and the whole suite on SQLAlchemy 2.1, and the instrumentor suite again on SQLAlchemy 2.0.
-# Real components only: embedded PostgreSQL (or DATABASE_URL), Prometheus/promtool, wrk, hey,
+# Real components only: embedded PostgreSQL (or DATABASE_URL), Prometheus/promtool, hey,
 # valgrind (the benchmarks' instruction counts).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +11,6 @@ PYTHON=${PYTHON:-python3}
 need_apt=()
 command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
-command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)  # the benchmark's end-to-end load
 command -v hey >/dev/null 2>&1 || need_apt+=(hey)  # the load test's second calibrated generator
 command -v valgrind >/dev/null 2>&1 || need_apt+=(valgrind)  # benchmark instruction counts
 if [ ${#need_apt[@]} -gt 0 ]; then
