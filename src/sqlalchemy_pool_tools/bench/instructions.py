@@ -61,6 +61,30 @@ def available() -> bool:
     return shutil.which("valgrind") is not None
 
 
+def callgrind_count(
+    module: str, config: str, env: dict[str, str], timeout_s: float, what: str
+) -> int:
+    """Instructions ``python -m module config`` executes under callgrind (``what`` names the
+    run in an error)."""
+    command = [
+        "valgrind",
+        "--tool=callgrind",
+        "--callgrind-out-file=/dev/null",
+        sys.executable,
+        "-m",
+        module,
+        config,
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout_s, env=env, check=False
+    )
+    match = _COLLECTED.search(done.stderr)
+    if done.returncode != 0 or match is None:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise RuntimeError(f"valgrind run of {what} failed: {' | '.join(tail)}")
+    return int(match.group(1))
+
+
 def _count(url: URL, variant_key: str, cycles: int, timeout_s: float, kind: str = "cycle") -> int:
     """Instructions executed by a child that runs ``cycles`` cycles (or requests) after the
     warm-up."""
@@ -72,28 +96,7 @@ def _count(url: URL, variant_key: str, cycles: int, timeout_s: float, kind: str 
             "kind": kind,
         }
     )
-    command = [
-        "valgrind",
-        "--tool=callgrind",
-        "--callgrind-out-file=/dev/null",
-        sys.executable,
-        "-m",
-        __name__,
-        config,
-    ]
-    done = subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        env=child_env(**NO_TIMED_SPANS),
-        check=False,
-    )
-    match = _COLLECTED.search(done.stderr)
-    if done.returncode != 0 or match is None:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        raise RuntimeError(f"valgrind run of {variant_key} failed: {' | '.join(tail)}")
-    return int(match.group(1))
+    return callgrind_count(__name__, config, child_env(**NO_TIMED_SPANS), timeout_s, variant_key)
 
 
 def run_instructions_scenario(

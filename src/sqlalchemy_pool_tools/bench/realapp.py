@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import subprocess
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +37,7 @@ from sqlalchemy.engine import URL
 
 from .e2e import AppServer, free_port, load
 from .harness import child_env, median, ours_file
+from .instructions import NO_TIMED_SPANS, callgrind_count
 
 Progress = Callable[[str], None]
 MODES = ("off", "on")
@@ -59,12 +58,6 @@ LAUNCHER = (
 )
 WAIT_TIME_COUNT = "db_client_connection_wait_time_seconds_count"
 WARMUP_REQUESTS = 50
-# Under valgrind: wall-clock span thresholds out of reach (see instructions.py).
-NO_TIMED_SPANS = {
-    "OTEL_PYTHON_SQLALCHEMY_POOL_WAIT_SPAN_THRESHOLD_MS": "1e12",
-    "OTEL_PYTHON_SQLALCHEMY_POOL_SESSION_SPAN_THRESHOLD_MS": "1e12",
-}
-_COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
 
 
 def otel_env(mode: str, url: URL, prometheus_port: int, **extra: str) -> dict[str, str]:
@@ -248,24 +241,8 @@ def _count(url: URL, mode: str, requests: int, timeout_s: float = 1800) -> int:
     floor (ours off, the app makes the two records the semantic conventions require)."""
     extra = {"SQLA_POOL_BENCH_FLOOR": "1"} if mode == "floor" else {}
     env = otel_env("off" if mode == "floor" else mode, url, free_port(), **NO_TIMED_SPANS, **extra)
-    config = json.dumps({"n": requests})
-    command = [
-        "valgrind",
-        "--tool=callgrind",
-        "--callgrind-out-file=/dev/null",
-        sys.executable,
-        "-m",
-        __name__,
-        config,
-    ]
-    done = subprocess.run(
-        command, capture_output=True, text=True, timeout=timeout_s, env=env, check=False
-    )
-    match = _COLLECTED.search(done.stderr)
-    if done.returncode != 0 or match is None:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        raise RuntimeError(f"valgrind run of the real app ({mode}) failed: {' | '.join(tail)}")
-    return int(match.group(1))
+    what = f"the real app ({mode})"
+    return callgrind_count(__name__, json.dumps({"n": requests}), env, timeout_s, what)
 
 
 def count_instructions(url: URL, requests: int) -> dict[str, Any]:
