@@ -22,7 +22,10 @@ bigger pool fixes none of that, so the doctor needs to see the loop itself. Thre
   stands in for a long iteration.
 
 Nothing here touches the pool's hot path. The loop side costs two ``perf_counter`` calls per
-loop iteration; the watchdog wakes every ``WATCHDOG_PERIOD_S`` and reads two floats.
+loop iteration. The watchdog pays for forensics only when there is trouble: on a healthy loop
+it wakes every ``WATCHDOG_CALM_PERIOD_S`` (a loop stuck that long is still sampled); once the
+loop side has seen a long iteration it wakes every ``WATCHDOG_PERIOD_S`` for
+``WATCHDOG_ALERT_S``, so the blocking call sites of repeated short stalls are found too.
 """
 
 from __future__ import annotations
@@ -43,9 +46,13 @@ _logger = logging.getLogger(__name__)
 
 # How often the probe runs: often enough to see sub-second stalls, rare enough to cost nothing.
 PROBE_INTERVAL_S = 0.1
-# How often the watchdog looks at the loop. A third of the default block threshold, so an
-# iteration just over the threshold is still sampled while it runs.
+# How often the watchdog looks at the loop after a long iteration. A third of the default block
+# threshold, so an iteration just over the threshold is still sampled while it runs.
 WATCHDOG_PERIOD_S = 0.007
+# How often it looks while no long iteration was seen for WATCHDOG_ALERT_S: a wake-up every
+# 7 ms costs an idle process ~1 % of a core and every request a GIL hand-off.
+WATCHDOG_CALM_PERIOD_S = 0.1
+WATCHDOG_ALERT_S = 30.0
 # Distinct blocking code sites kept per process; more become "other" (bounded cardinality).
 MAX_SITES = 20
 OTHER_SITE = CodeSite("other", "other", 0)
@@ -112,6 +119,8 @@ class EventLoopMonitor:
         self._idle = False
         # (busy_since of the sampled iteration, its code site), written by the watchdog.
         self._sample: tuple[float, CodeSite | None] = (-1.0, None)
+        # perf_counter() of the last long iteration seen by the loop side (-inf: none yet).
+        self._last_block_at = float("-inf")
         self._sites: dict[CodeSite, dict[str, Any]] = {}
 
     # --- attach / detach ----------------------------------------------------------------------
@@ -224,6 +233,7 @@ class EventLoopMonitor:
     def _on_block(self, duration: float, started: float) -> None:
         """A long iteration (or late probe) ended: add it to its sampled code site."""
         try:
+            self._last_block_at = time.perf_counter()
             sampled_at, site = self._sample
             if sampled_at != started:
                 site = None
@@ -251,8 +261,11 @@ class EventLoopMonitor:
     def _watch(self) -> None:
         stop = self._stop
         perf = time.perf_counter
-        while not stop.wait(WATCHDOG_PERIOD_S):
+        period = WATCHDOG_CALM_PERIOD_S
+        while not stop.wait(period):
             try:
+                alert = perf() - self._last_block_at < WATCHDOG_ALERT_S
+                period = WATCHDOG_PERIOD_S if alert else WATCHDOG_CALM_PERIOD_S
                 if self._selector is not None:
                     if self._idle:
                         continue
