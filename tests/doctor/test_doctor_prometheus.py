@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pipeline.processes import stop
 from sqlalchemy_pool_tools.doctor import diagnose, from_prometheus
 from sqlalchemy_pool_tools.doctor.verdict import LEAKED_SESSIONS
 from sqlalchemy_pool_tools.errors import UserError
@@ -102,12 +103,7 @@ def prometheus(app: FakePoolApp, tmp_path: Path) -> Iterator[str]:
         _wait_for("Prometheus to start", ready, STARTUP_TIMEOUT_S)
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop(proc)
         log.close()
 
 

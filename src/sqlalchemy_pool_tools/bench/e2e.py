@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import httpx
 from sqlalchemy.engine import URL
 
-from .harness import child_env, median, ours_file
+from .harness import abba_order, child_env, median, ours_file
 
 Progress = Callable[[str], None]
 MODES = ("bare", "ours")
@@ -219,9 +219,7 @@ def one_run(mode: str, url: URL, settings: Any) -> dict[str, Any]:
 
 def run_e2e_scenario(url_async: URL, settings: Any, progress: Progress) -> dict[str, Any]:
     generator = settings.load_generator
-    order: list[str] = []
-    for pair in range(settings.e2e_pairs):
-        order.extend(MODES if pair % 2 == 0 else tuple(reversed(MODES)))
+    order = abba_order(MODES, settings.e2e_pairs)
     runs: list[dict[str, Any]] = []
     for i, mode in enumerate(order):
         result = one_run(mode, url_async, settings)

@@ -345,6 +345,15 @@ def difference(a: float, b: float) -> float:
     return a - b
 
 
+def abba_order(modes: Sequence[str], pairs: int) -> list[str]:
+    """``pairs`` rounds of ``modes``, every other one reversed (A B B A ...): a drift of the
+    machine over the run falls on every mode alike."""
+    order: list[str] = []
+    for pair in range(pairs):
+        order.extend(modes if pair % 2 == 0 else reversed(modes))
+    return order
+
+
 def rotated(items: Sequence[Any], shift: int) -> list[Any]:
     """Round-robin order so no variant always runs first (or right after another)."""
     shift %= max(1, len(items))

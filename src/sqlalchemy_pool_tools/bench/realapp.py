@@ -36,7 +36,7 @@ import httpx
 from sqlalchemy.engine import URL
 
 from .e2e import AppServer, free_port, load
-from .harness import child_env, median, ours_file
+from .harness import abba_order, child_env, median, ours_file
 from .instructions import NO_TIMED_SPANS, callgrind_count
 
 Progress = Callable[[str], None]
@@ -198,9 +198,7 @@ def run_realapp_scenario(url_sync: URL, url_async: URL, settings: Any, progress:
     from .realapp_data import seed
 
     seed(url_sync)
-    order: list[str] = []
-    for pair in range(settings.realapp_pairs):
-        order.extend(MODES if pair % 2 == 0 else tuple(reversed(MODES)))
+    order = abba_order(MODES, settings.realapp_pairs)
     runs = []
     for i, mode in enumerate(order):
         result = one_run(mode, url_async, settings)
